@@ -48,7 +48,9 @@ cmd="${1:-}"
 case "$cmd" in
     test)
         shift
-        exec "$PY" -m pytest -q tests "$@"
+        # Without path arguments pytest runs `testpaths` (= tests/, set in pyproject.toml), so
+        # `./run.sh test` runs the whole suite and `./run.sh test tests/test_x.py -x` narrows it.
+        exec "$PY" -m pytest -q "$@"
         ;;
     demo)
         shift

@@ -1,0 +1,807 @@
+"""The Dr. Post-Training controller: attach to a model, run one forward/backward, fill ``.grad``.
+
+One training step, top to bottom (``DataRegularizer.backward``):
+  1. the general rows (and, with the merged strategy, the target rows after them) go through one
+     forward; the loss is the SUM of per-token losses, so every per-sample gradient is a token sum;
+  2. during the one backward, each scored module's tap passes the true activation gradient down
+     (the chain rule is never changed) and hands the per-sample factors (x, delta) to its layer
+     group; a group scores its general samples against the target gradient, picks its feasible
+     subset and adds the chosen samples' gradient to an accumulator, then frees the factors;
+     ``global`` feasible sets keep the factors until every layer is scored;
+  3. ``finalize`` divides each accumulator by the supervised-token count of the samples it holds
+     (METHOD §1.6) and adds the result to ``p.grad``. Micro-batches accumulate until finalize.
+The model is never wrapped: forward hooks are registered on its modules and removed by
+``detach()``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import feasible as fs
+from .batch import check_batch, merge_batches, require_supervised, row_losses
+from .layers import Factors, RowRestrictedRule, is_norm, scored_rule_for, unscored_rule_for
+from .scoring import LayerSketch, check_backend, choose_backend, parse_sketch
+
+TARGET_STRATEGIES = ("merged", "separate")
+SCORE_NORMS = ("none", "per_token", "cosine")
+NONFINITE = ("error", "skip")
+_CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, score or target gradient was NaN or infinite."""
+
+
+@dataclass
+class StepStats:
+    """What one ``backward`` call saw. Tensors stay on the device until ``to_dict``."""
+    general_loss: torch.Tensor | None = None
+    target_loss: torch.Tensor | None = None
+    general_tokens: torch.Tensor | None = None
+    target_tokens: torch.Tensor | None = None
+    selected: dict = field(default_factory=dict)       # layer -> number of chosen samples (or rows x samples)
+    selected_tokens: dict = field(default_factory=dict)
+    skipped: bool = False
+
+    def to_dict(self) -> dict:
+        def f(t):
+            return None if t is None else float(t)
+        out = {"general_loss": f(self.general_loss), "target_loss": f(self.target_loss),
+               "general_tokens": f(self.general_tokens), "target_tokens": f(self.target_tokens),
+               "skipped": bool(self.skipped)}
+        if self.selected:
+            counts = [float(v) for v in self.selected.values()]
+            out["selected_mean"] = sum(counts) / len(counts)
+            out["selected_min"] = min(counts)
+            out["selected_max"] = max(counts)
+            out["selected"] = dict(zip(self.selected.keys(), counts))
+        return out
+
+
+class _Group:
+    """One scored "layer": the parameters of a module, or a parameter shared by several modules
+    (tied weights: one group, every use counted)."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.names: list[str] = []
+        self.rules: list = []
+        self.params: list[torch.nn.Parameter] = []
+        self.calls = 0                  # forward calls in the current pass
+        self.pending: list = []         # (rule, general factors, target factors) of finished backward calls
+        self.cache: dict | None = None  # separate strategy: target representation
+        self.sketches: dict = {}
+        self.acc: dict = {}
+        self.count = None               # chosen supervised tokens (scalar or per row)
+        self.bad = None                 # device flag: non-finite score/target seen
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.names)
+
+    @property
+    def multi_use(self) -> bool:
+        return len(self.rules) > 1 or self.calls > 1
+
+    def rows_broadcast(self, p: torch.nn.Parameter, count: torch.Tensor) -> torch.Tensor:
+        """Reshape a per-row count so that it broadcasts against parameter p."""
+        if count.dim() == 0:
+            return count
+        for rule in self.rules:
+            if p is getattr(rule, "bias", None):
+                return count
+            if p is getattr(rule, "weight", None):
+                return count[None, :] if getattr(rule, "transposed", False) else count[:, None]
+        raise AssertionError("parameter not in group")
+
+
+class _Use:
+    __slots__ = ("group", "rule", "state")
+
+    def __init__(self, group, rule, state=None):
+        self.group, self.rule, self.state = group, rule, state
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on the module's output in forward; in backward, the rule's input gradient plus a
+    call into the engine with the factors. Parameters are inputs so that backward always runs,
+    but their gradient is returned as None: the engine assembles it."""
+
+    @staticmethod
+    def forward(ctx, engine, use, a, *params):
+        ctx.engine, ctx.use, ctx.n_params = engine, use, len(params)
+        ctx.save_for_backward(a)
+        out, engine._pending_output = engine._pending_output, None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (a,) = ctx.saved_tensors
+        grad_a = ctx.engine._backward_use(ctx.use, a, grad_out, ctx.needs_input_grad[2])
+        return (None, None, grad_a) + (None,) * ctx.n_params
+
+
+class DataRegularizer:
+    """Data-regularized post-training on any ``nn.Module`` language model.
+
+    The general batch builds a feasible set of update directions; the target batch defines the
+    target gradient g_T; every step follows the member of the feasible set most aligned with g_T.
+
+    Args:
+        model: a causal LM; ``model(input_ids=..., attention_mask=...)`` returns logits (or an object
+            with ``.logits``). Trainable ``nn.Linear``/GPT-2 ``Conv1D``/``nn.Embedding`` modules are
+            scored (PEFT LoRA adapters are such Linears); other leaf modules with trainable
+            parameters (norms) are trained on all general rows.
+        feasible_set: ``standard`` | ``target_only`` | ``global`` | ``layerwise`` | ``filter`` |
+            ``greedy`` | ``rowwise`` | ``random``.
+        frac: regularization strength in (0, 1]: top-k sets keep k = max(1, floor(B*frac)) samples;
+            ``filter`` drops that share of the negatively scored samples.
+        scoring: ``reduced_ghost`` | ``pairwise_ghost`` | ``direct`` | ``sketch`` | ``auto``.
+        target_strategy: ``merged`` (target rows in the same forward/backward) or ``separate``
+            (target gradient captured first and cached for ``refresh_every`` steps).
+        score_norm: ``none`` | ``per_token`` | ``cosine`` normalisation before selection.
+        scope: ``layer`` or ``global`` decision for ``filter``, ``greedy`` and ``random``.
+        sketch: sketch spec for ``scoring="sketch"``, e.g. ``gaussian-64x64``, ``countsketch-32x32``.
+        greedy_lr: the step size eta weighing the second-order term of ``greedy``.
+        nonfinite: ``error`` raises on a NaN/inf loss, score or target gradient; ``skip`` drops the
+            whole step (all ``.grad`` set to None, so ``optimizer.step()`` does nothing).
+        loss_fn: optional per-token loss ``loss_fn(logits, batch) -> (losses [N, L], mask [N, L])``.
+        direct_max_mb: memory bound of the materialised per-sample gradients of ``direct``.
+    """
+
+    def __init__(self, model: torch.nn.Module, feasible_set: str = "layerwise", frac: float = 0.5,
+                 scoring: str = "auto", *, target_strategy: str = "merged", score_norm: str = "none",
+                 scope: str = "layer", sketch: str = "gaussian-64x64", seed: int = 0,
+                 greedy_lr: float = 1e-4, refresh_every: int = 1, nonfinite: str = "error",
+                 loss_fn=None, direct_max_mb: float = 256.0, pad_token_id: int | None = None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if feasible_set not in fs.FEASIBLE_SETS:
+            raise ValueError(f"unknown feasible_set {feasible_set!r}; choose one of {', '.join(fs.FEASIBLE_SETS)}")
+        fs.check_frac(frac)
+        check_backend(scoring)
+        for value, allowed, what in ((target_strategy, TARGET_STRATEGIES, "target_strategy"),
+                                     (score_norm, SCORE_NORMS, "score_norm"), (scope, fs.SCOPES, "scope"),
+                                     (nonfinite, NONFINITE, "nonfinite")):
+            if value not in allowed:
+                raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(f"refresh_every must be a positive integer, got {refresh_every!r}")
+        self.sketch_kind, self.sketch_k1, self.sketch_k2 = parse_sketch(sketch)
+        self.model, self.feasible_set, self.frac, self.scoring = model, feasible_set, float(frac), scoring
+        self.target_strategy, self.score_norm, self.seed = target_strategy, score_norm, int(seed)
+        self.scope = {"global": "global", "layerwise": "layer", "rowwise": "layer"}.get(feasible_set, scope)
+        self.greedy_lr, self.refresh_every, self.nonfinite = float(greedy_lr), refresh_every, nonfinite
+        self.loss_fn, self.direct_max_bytes = loss_fn, float(direct_max_mb) * 2 ** 20
+        self.pad_token_id = pad_token_id if pad_token_id is not None else \
+            (getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
+        self._generator = torch.Generator().manual_seed(self.seed)
+
+        self._mode = None               # None (hooks idle) | "merged" | "capture" | "general"
+        self._rows = 0                  # rows of the batch in the current forward
+        self._pending_output = None
+        self._handles: list = []
+        self._groups: list[_Group] = []
+        self._row_rules: list[RowRestrictedRule] = []
+        self._plain_params: list[torch.nn.Parameter] = []   # everything not in a scored group
+        self._plain_acc: dict = {}
+        self._plain_tokens = None
+        self._retained: list = []       # global scope: (group, parts, normalised scores, gram)
+        self._step_tokens = None
+        self._skip = False
+        self._steps_since_capture = None
+        self._stats = None
+        self.last_scores: dict = {}
+        self.last_masks: dict = {}
+        self.layer_backends: dict = {}
+        self._warned: set = set()
+        self._attach()
+
+    # ------------------------------------------------------------------ attach / detach
+    def _uses_hooks(self) -> bool:
+        return self.feasible_set not in ("standard", "target_only")
+
+    def _attach(self) -> None:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("the model has no trainable parameters (every requires_grad is False): "
+                             "nothing to post-train")
+        self._trainable = trainable
+        if not self._uses_hooks():
+            self._plain_params = trainable
+            return
+        group_of: dict[int, _Group] = {}
+        row_params: set[int] = set()
+        for name, module in self.model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            rule = scored_rule_for(module)
+            if rule is not None:
+                groups = {id(group_of[id(p)]): group_of[id(p)] for p in own if id(p) in group_of}
+                group = next(iter(groups.values())) if groups else _Group(len(self._groups))
+                if len(groups) > 1:
+                    raise ValueError(f"{name} shares parameters with several scored layers; not supported")
+                if not groups:
+                    self._groups.append(group)
+                group.names.append(name)
+                group.rules.append(rule)
+                for p in own:
+                    if id(p) not in group_of:
+                        group_of[id(p)] = group
+                        group.params.append(p)
+                self._handles.append(module.register_forward_hook(self._make_scored_hook(group, rule), with_kwargs=True))
+            elif not isinstance(module, _CONTAINERS) and unscored_rule_for(module) is not None:
+                if any(id(p) in group_of for p in own):
+                    raise ValueError(f"{name} shares a parameter with a scored layer; not supported")
+                rrule = RowRestrictedRule(module)
+                self._row_rules.append(rrule)
+                row_params.update(id(p) for p in own)
+                self._handles.append(module.register_forward_hook(self._make_row_hook(rrule), with_kwargs=True))
+                if not is_norm(module):
+                    self._warn(f"drpost: {name} ({type(module).__name__}) is not a scored layer type; its "
+                               "parameters get the plain general-batch gradient (no selection)")
+        if not self._groups:
+            self.detach()
+            raise ValueError("the model has no supported layer with trainable parameters: drpost scores "
+                             "nn.Linear, GPT-2 Conv1D, nn.Embedding and PEFT LoRA adapters; unfreeze one of "
+                             "them or use feasible_set='standard'")
+        scored = {id(p) for g in self._groups for p in g.params}
+        self._plain_params = [p for p in trainable if id(p) not in scored]
+        uncovered = [n for n, p in self.model.named_parameters() if p.requires_grad
+                     and id(p) not in scored and id(p) not in row_params]
+        if uncovered:
+            if self.target_strategy == "merged":
+                self.detach()
+                raise ValueError(f"parameters {uncovered} belong to no layer rule, so the merged strategy "
+                                 "cannot keep the target rows out of their gradient; use "
+                                 "target_strategy='separate' (they then get the plain general-batch gradient)")
+            self._warn(f"drpost: parameters {uncovered} are not covered by a layer rule; they get the "
+                       "plain general-batch gradient (no selection)")
+
+    def _warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            warnings.warn(msg, stacklevel=3)
+
+    def detach(self) -> None:
+        """Remove every hook: the model is exactly as before attach."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._mode = None
+
+    @property
+    def groups(self) -> list[str]:
+        return [g.name for g in self._groups]
+
+    @property
+    def last_selection(self) -> dict:
+        """{layer: LongTensor of chosen general-sample indices} (forces a host sync; not for rowwise)."""
+        return {k: m.nonzero().flatten() for k, m in self.last_masks.items() if m.dim() == 1}
+
+    # ------------------------------------------------------------------ hooks
+    def _make_scored_hook(self, group: _Group, rule):
+        def hook(module, args, kwargs, output):
+            if self._mode is None:
+                return None
+            group.calls += 1
+            a = rule.capture_input(args, kwargs)
+            out = output.detach()
+            if a.shape[0] == 1 and self._rows > 1:
+                if rule.kind != "embedding":
+                    raise ValueError(f"{group.name} was called with one row in a batch of {self._rows}: "
+                                     "per-sample gradients cannot be separated from a broadcast input")
+                # position embeddings indexed by [1, T] ids and broadcast over the batch: make the
+                # broadcast explicit so that every row's output gradient is seen separately
+                a = a.expand(self._rows, *a.shape[1:])
+                out = out.expand(self._rows, *out.shape[1:]).contiguous()
+            self._pending_output = out
+            return _Tap.apply(self, _Use(group, rule), a, *rule.params)
+        return hook
+
+    def _make_row_hook(self, rule: RowRestrictedRule):
+        def hook(module, args, kwargs, output):
+            if self._mode != "merged":
+                return None   # separate strategy: plain autograd, target pass does not reach .grad
+            x = rule.capture_input(args, kwargs)
+            dev = x.device.type
+            state = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+            self._pending_output = output.detach()
+            return _Tap.apply(self, _Use(None, rule, state), x, *rule.params)
+        return hook
+
+    def _backward_use(self, use: _Use, a, d, need_input_grad: bool):
+        if use.group is None:   # row-restricted (norm) layer in a merged batch
+            grad_x, grads = use.rule.backward(a, d, use.state, self._n_general)
+            with torch.no_grad():
+                for p, g in grads.items():
+                    self._add(self._plain_acc, p, g)
+            return grad_x if need_input_grad else None
+        grad_a = use.rule.input_grad(a, d) if need_input_grad else None
+        with torch.no_grad():
+            f = use.rule.factors(a, d)
+            self._on_factors(use.group, use.rule, f)
+        return grad_a
+
+    @staticmethod
+    def _add(acc: dict, p, g) -> None:
+        g = g.to(p.dtype)
+        if p in acc:
+            acc[p].add_(g)
+        else:
+            acc[p] = g.clone() if g.data_ptr() == p.data_ptr() else g
+
+    # ------------------------------------------------------------------ per-layer work
+    def _on_factors(self, group: _Group, rule, f: Factors) -> None:
+        if self._mode == "capture":
+            group.pending.append((rule, None, f))
+            if len(group.pending) == group.calls:
+                self._capture_group(group)
+            return
+        if self._mode == "merged":
+            b = self._n_general
+            group.pending.append((rule, f.rows(slice(0, b)), f.rows(slice(b, None))))
+        else:
+            group.pending.append((rule, f, None))
+        if len(group.pending) == group.calls:
+            self._process_group(group)
+
+    def _backend(self, group: _Group, rule, s: int) -> str:
+        b, v = self._n_general, self._n_target
+        k = fs.num_selected(b, self.frac)
+        if self.scoring == "sketch":
+            return "reduced_ghost" if (group.multi_use or rule.supports == ("reduced_ghost",)) else "sketch"
+        return choose_backend(self.scoring, rule, b, v, s, k, multi_use=group.multi_use,
+                              target_factors_available=(self.target_strategy == "merged"
+                                                        or self.scoring == "pairwise_ghost"),
+                              max_bytes=self.direct_max_bytes)
+
+    def _sketch_of(self, group: _Group, rule):
+        sk = group.sketches.get(id(rule))
+        if sk is None:
+            sk = LayerSketch(self.sketch_kind, self.sketch_k1, self.sketch_k2, rule.out_features,
+                             rule.in_features, rule.weight is not None, rule.has_bias,
+                             seed=self.seed * 1_000_003 + group.index * 7919 + len(group.sketches),
+                             device=rule.module.weight.device)
+            group.sketches[id(rule)] = sk
+        return sk
+
+    def _target_repr(self, group: _Group, parts, backend: str, rows: bool):
+        """The target side in the form the back-end needs (raw sums over target rows)."""
+        if backend == "pairwise_ghost":
+            return [(rule, Factors.cat([t for r, _, t in parts if r is rule])) for rule in _unique_rules(parts)]
+        if backend == "sketch":
+            return {id(rule): rule.sketch(t, self._sketch_of(group, rule), rows).sum(0)
+                    for rule, _, t in parts}
+        dense: dict = {}
+        for rule, _, t in parts:
+            for p, g in rule.target_dense(t).items():
+                self._add(dense, p, g.to(torch.promote_types(g.dtype, torch.float32)))
+        return dense
+
+    def _capture_group(self, group: _Group) -> None:
+        parts, group.pending = group.pending, []
+        backend = self._backend(group, parts[0][0], parts[0][2].a.shape[1])
+        rows = self.feasible_set == "rowwise"
+        kind = "pairwise_ghost" if backend == "pairwise_ghost" else ("sketch" if backend == "sketch" else "dense")
+        new = self._target_repr(group, parts, backend, rows)
+        old = group.cache
+        if old is None or old["kind"] != kind:
+            group.cache = {"kind": kind, "repr": new}
+        elif kind == "pairwise_ghost":
+            merged = dict((id(r), f) for r, f in old["repr"])
+            group.cache["repr"] = [(r, Factors.cat([merged[id(r)], f]) if id(r) in merged else f) for r, f in new]
+        else:
+            for key, val in new.items():
+                old["repr"][key] = old["repr"][key] + val if key in old["repr"] else val
+
+    def _process_group(self, group: _Group) -> None:
+        parts, group.pending = group.pending, []
+        s = parts[0][1].a.shape[1]
+        rows = self.feasible_set == "rowwise"
+        if self._mode == "merged":
+            backend = self._backend(group, parts[0][0], s)
+            target = self._target_repr(group, parts, backend, rows)
+        else:
+            if group.cache is None:
+                raise RuntimeError(f"no target gradient cached for layer {group.name}: the target pass "
+                                   "did not reach it (is the layer used by the target batch?)")
+            kind = group.cache["kind"]
+            backend = {"dense": None}.get(kind, kind) or self._backend(group, parts[0][0], s)
+            if kind == "dense" and backend in ("pairwise_ghost", "sketch"):
+                backend = "reduced_ghost"
+            target = group.cache["repr"]
+        self.layer_backends[group.name] = backend
+        gen_tokens = self._tokens_general
+        per_sample = None
+        if backend == "direct" and len(parts) == 1:
+            rule, gen, _ = parts[0]
+            nbytes = 4.0 * gen.n * sum(p.numel() for p in rule.params)
+            if nbytes <= self.direct_max_bytes and not rows:
+                per_sample = rule.per_sample(gen)
+                raw = sum((per_sample[p].flatten(1) * target[p].flatten().to(per_sample[p].dtype)).sum(1)
+                          for p in per_sample if p in target)
+            else:
+                raw = self._direct_chunked(rule, gen, target, rows)
+        else:
+            raw = None
+            for rule, gen, _ in parts:
+                if backend == "pairwise_ghost":
+                    tf = dict((id(r), f) for r, f in target)[id(rule)]
+                    sc = rule.pairwise_scores(gen, tf, rows)
+                elif backend == "sketch":
+                    c = rule.sketch(gen, self._sketch_of(group, rule), rows)
+                    sc = (c * target[id(rule)].to(c.dtype)).sum(-1)
+                else:
+                    sc = rule.dense_scores(gen, target, rows)
+                raw = sc if raw is None else raw + sc
+        scores = raw / self._tokens_target_total
+        self.last_scores[group.name] = scores
+        flag = ~torch.isfinite(scores).all()
+        group.bad = flag if group.bad is None else (group.bad | flag)
+        normed = self._normalise(group, parts, scores, target, backend, rows)
+        gram = self._gram(group, parts, backend) if self.feasible_set == "greedy" else None
+        if self.scope == "global":
+            self._retained.append((group, parts, normed, gram, per_sample))
+            return
+        mask = self._select(normed, gram, gen_tokens)
+        self._assemble(group, parts, mask, per_sample)
+
+    def _direct_chunked(self, rule, gen, target, rows):
+        per_sample_bytes = 4.0 * sum(p.numel() for p in rule.params)
+        chunk = max(1, int(self.direct_max_bytes // max(per_sample_bytes, 1)))
+        if rows:
+            return rule.dense_scores(gen, target, rows)
+        out = []
+        for start in range(0, gen.n, chunk):
+            ps = rule.per_sample(gen.rows(slice(start, start + chunk)))
+            out.append(sum((ps[p].flatten(1) * target[p].flatten().to(ps[p].dtype)).sum(1)
+                           for p in ps if p in target))
+        return torch.cat(out)
+
+    def _normalise(self, group, parts, scores, target, backend, rows):
+        if self.score_norm == "none":
+            return scores
+        if self.score_norm == "per_token":
+            return fs.normalise_scores(scores, "per_token", tokens=self._tokens_general)
+        # cosine: |G_i| from the same factors, |g_T| from the target representation
+        if group.multi_use:
+            ps: dict = {}
+            for rule, gen, _ in parts:
+                for p, g in rule.per_sample(gen).items():
+                    self._add(ps, p, g)
+            sq = sum(_row_sum(group, p, g.pow(2), rows) for p, g in ps.items())
+        elif backend == "sketch":
+            rule, gen, _ = parts[0]
+            c = rule.sketch(gen, self._sketch_of(group, rule), rows)
+            sq = c.pow(2).sum(-1)
+        else:
+            rule, gen, _ = parts[0]
+            sq = rule.sq_norms(gen, rows)
+        if backend == "pairwise_ghost":
+            rule, tf = target[0]
+            tsq = rule.gram(tf).sum() if not rows else _rows_target_sq(rule, tf)
+        elif backend == "sketch":
+            tsq = sum(t.pow(2).sum(-1) for t in target.values())
+        else:
+            tsq = sum(_row_sum(group, p, g.pow(2)[None], rows)[0] for p, g in target.items())
+        tnorm = tsq.clamp_min(0).sqrt() / self._tokens_target_total
+        return fs.normalise_scores(scores, "cosine", sample_norms=sq.clamp_min(0).sqrt(), target_norm=tnorm)
+
+    def _gram(self, group, parts, backend):
+        if backend == "sketch" and not group.multi_use:
+            rule, gen, _ = parts[0]
+            c = rule.sketch(gen, self._sketch_of(group, rule), False)
+            return c @ c.t()
+        if group.multi_use:
+            ps: dict = {}
+            for rule, gen, _ in parts:
+                for p, g in rule.per_sample(gen).items():
+                    self._add(ps, p, g)
+            flat = torch.cat([g.flatten(1) for g in ps.values()], 1)
+            return flat @ flat.t()
+        rule, gen, _ = parts[0]
+        return rule.gram(gen)
+
+    def _select(self, scores, gram, tokens):
+        fset, b = self.feasible_set, scores.shape[0]
+        k = fs.num_selected(b, self.frac)
+        if fset in ("layerwise", "global", "rowwise"):
+            return fs.topk_mask(scores, k)
+        if fset == "filter":
+            return fs.filter_mask(scores, self.frac)
+        if fset == "greedy":
+            return fs.greedy_mask(scores, gram, k, self.greedy_lr)
+        if fset == "random":
+            return fs.random_mask(scores.shape, k, self._generator).to(scores.device)
+        raise AssertionError(fset)
+
+    def _assemble(self, group, parts, mask, per_sample=None):
+        self.last_masks[group.name] = mask
+        tokens = self._tokens_general
+        w = mask.to(tokens.dtype)
+        if per_sample is not None and w.dim() == 1:
+            for p, g in per_sample.items():
+                self._add(group.acc, p, torch.einsum("b,b...->...", w.to(g.dtype), g))
+        else:
+            for rule, gen, _ in parts:
+                for p, g in rule.chosen(gen, w).items():
+                    self._add(group.acc, p, g)
+        count = (w * (tokens if w.dim() == 1 else tokens[:, None])).sum(0)
+        group.count = count if group.count is None else group.count + count
+        self._stats.selected[group.name] = mask.sum() if w.dim() == 1 else mask.sum(0).float().mean()
+        self._stats.selected_tokens[group.name] = count
+
+    def _finish_global(self) -> None:
+        retained, self._retained = self._retained, []
+        if not retained:
+            return
+        total = sum(r[2] for r in retained)
+        gram = sum(r[3] for r in retained) if self.feasible_set == "greedy" else None
+        self.last_scores["__global__"] = total
+        mask = self._select(total, gram, self._tokens_general)
+        for group, parts, _, _, per_sample in retained:
+            self._assemble(group, parts, mask, per_sample)
+        self.last_masks["__global__"] = mask
+
+    # ------------------------------------------------------------------ the step
+    def backward(self, general_batch: dict, target_batch: dict | None = None, *, finalize: bool = True) -> StepStats:
+        """One (micro-)step: fill ``p.grad`` like ``loss.backward()`` would.
+
+        With ``finalize=False`` the chosen gradients of this micro-batch are held back and added
+        to the next calls'; the call with ``finalize=True`` normalises the whole accumulated step
+        by the chosen samples' token counts and writes ``.grad``."""
+        device = _model_device(self.model)
+        general = check_batch(general_batch, "general", device)
+        if self._stats is None:
+            self._stats = StepStats()
+        stats = self._stats
+        fset = self.feasible_set
+        needs_target = fset != "standard" and (self.target_strategy == "merged" or fset == "target_only"
+                                               or self._steps_since_capture is None
+                                               or self._steps_since_capture >= self.refresh_every)
+        target = None
+        if target_batch is not None:
+            target = check_batch(target_batch, "target", device)
+        elif needs_target:
+            raise ValueError("a target batch is required for this step (feasible_set="
+                             f"{fset!r}, target_strategy={self.target_strategy!r}): pass target_batch")
+        try:
+            if fset in ("standard", "target_only"):
+                self._plain_step(general, target)
+            elif self.target_strategy == "merged":
+                self._merged_step(general, target)
+            else:
+                if needs_target or target is not None and self._steps_since_capture is None:
+                    self.capture_target(target)
+                self._general_step(general)
+        except BaseException:
+            self._mode = None
+            self._reset_step()
+            self._stats = None
+            raise
+        if finalize:
+            self._finalize()
+            self._stats = None
+        return stats
+
+    def _forward_losses(self, batch: dict, mode):
+        self._mode = mode
+        self._rows = batch["input_ids"].shape[0]
+        for g in self._groups:
+            g.calls, g.pending = 0, []
+        sums, tokens = row_losses(self.model, batch, self.loss_fn)
+        return sums, tokens
+
+    def _check_loss(self, loss: torch.Tensor, what: str) -> bool:
+        if bool(torch.isfinite(loss)):
+            return True
+        if self.nonfinite == "error":
+            raise NonFiniteError(f"non-finite {what} loss ({float(loss)}); check the learning rate, the data "
+                                 "and the precision, or pass nonfinite='skip' to drop such steps")
+        self._skip = True
+        return False
+
+    def _accumulate_tokens(self, attr: str, value: torch.Tensor) -> None:
+        old = getattr(self, attr)
+        setattr(self, attr, value if old is None else old + value)
+
+    def _stash_plain(self):
+        old = {p: p.grad for p in self._plain_params}
+        for p in self._plain_params:
+            p.grad = None
+        return old
+
+    def _collect_plain(self, old):
+        for p in self._plain_params:
+            g, p.grad = p.grad, old[p]
+            if g is not None:
+                self._add(self._plain_acc, p, g)
+
+    def _plain_step(self, general, target):
+        """standard (general rows) or target_only (target rows): ordinary autograd, token sums."""
+        train, other = (general, target) if self.feasible_set == "standard" else (target, general)
+        self._mode = None
+        sums, tokens = row_losses(self.model, train, self.loss_fn)
+        require_supervised(tokens, "general" if train is general else "target")
+        loss = sums.sum()
+        stats = self._stats
+        t_total = tokens.sum()
+        if self.feasible_set == "standard":
+            stats.general_loss, stats.general_tokens = loss.detach() / t_total, t_total
+        else:
+            stats.target_loss, stats.target_tokens = loss.detach() / t_total, t_total
+            with torch.no_grad():
+                gs, gt = row_losses(self.model, other, self.loss_fn)
+            stats.general_loss, stats.general_tokens = gs.sum() / gt.sum().clamp_min(1), gt.sum()
+        if not self._check_loss(loss, "training"):
+            return
+        old = self._stash_plain()
+        loss.backward()
+        self._collect_plain(old)
+        self._accumulate_tokens("_plain_tokens", t_total)
+
+    def _merged_step(self, general, target):
+        b = general["input_ids"].shape[0]
+        merged = merge_batches(general, target, self.pad_token_id)
+        self._n_general, self._n_target = b, target["input_ids"].shape[0]
+        sums, tokens = self._forward_losses(merged, "merged")
+        try:
+            self._set_step_tokens(sums, tokens, b)
+            loss = sums.sum()
+            if not self._check_loss(loss, "general+target"):
+                return
+            old = self._stash_plain()
+            loss.backward()
+            self._collect_plain(old)
+            self._finish_global()
+        finally:
+            self._mode = None
+
+    def _set_step_tokens(self, sums, tokens, b):
+        self._tokens_general = tokens[:b]
+        t_gen = tokens[:b].sum()
+        stats = self._stats
+        stats.general_loss = sums[:b].detach().sum() / t_gen.clamp_min(1)
+        stats.general_tokens = t_gen
+        if tokens.shape[0] > b:
+            t_tgt = tokens[b:].sum()
+            self._tokens_target_total = t_tgt
+            stats.target_loss = sums[b:].detach().sum() / t_tgt.clamp_min(1)
+            stats.target_tokens = t_tgt
+            require_supervised(t_tgt, "target")
+        require_supervised(t_gen, "general")
+        self._accumulate_tokens("_plain_tokens", t_gen)
+
+    def capture_target(self, target_batch: dict, chunk_size: int | None = None) -> None:
+        """Separate strategy: compute and cache the per-layer target gradient (raw sums), from the
+        whole target batch, in chunks of ``chunk_size`` rows if given (chunks are summed)."""
+        if self.target_strategy != "separate":
+            raise ValueError("capture_target is for target_strategy='separate'")
+        device = _model_device(self.model)
+        target = check_batch(target_batch, "target", device)
+        for g in self._groups:
+            g.cache = None
+        n = target["input_ids"].shape[0]
+        step = chunk_size or n
+        total_tokens, total_loss = None, None
+        params = [p for g in self._groups for p in g.params]
+        self._n_general, self._n_target = 0, n
+        try:
+            for start in range(0, n, step):
+                chunk = {k: (v[start:start + step] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n
+                             else v) for k, v in target.items()}
+                sums, tokens = self._forward_losses(chunk, "capture")
+                loss = sums.sum()
+                if not self._check_loss(loss, "target"):
+                    return
+                torch.autograd.grad(loss, params, allow_unused=True)
+                total_tokens = tokens.sum() if total_tokens is None else total_tokens + tokens.sum()
+                total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+        finally:
+            self._mode = None
+        require_supervised(total_tokens, "target")
+        self._tokens_target_total = total_tokens
+        self._target_loss = total_loss / total_tokens
+        self._steps_since_capture = 0
+        for g in self._groups:
+            if g.cache is not None:
+                reprs = g.cache["repr"]
+                vals = reprs.values() if isinstance(reprs, dict) else []
+                for t in vals:
+                    flag = ~torch.isfinite(t).all()
+                    g.bad = flag if g.bad is None else g.bad | flag
+
+    def _general_step(self, general):
+        b = general["input_ids"].shape[0]
+        self._n_general, self._n_target = b, 0
+        sums, tokens = self._forward_losses(general, "general")
+        try:
+            self._set_step_tokens(sums, tokens, b)
+            self._stats.target_loss = self._target_loss
+            self._stats.target_tokens = self._tokens_target_total
+            loss = sums.sum()
+            if not self._check_loss(loss, "general"):
+                return
+            old = self._stash_plain()
+            loss.backward()
+            self._collect_plain(old)
+            self._finish_global()
+        finally:
+            self._mode = None
+
+    def _finalize(self) -> None:
+        stats = self._stats
+        bad = [g for g in self._groups if g.bad is not None]
+        if not self._skip and bad:
+            flags = torch.stack([g.bad for g in bad])
+            if bool(flags.any()):
+                first = bad[int(flags.nonzero()[0, 0])]
+                if self.nonfinite == "error":
+                    self._reset_step()
+                    raise NonFiniteError(f"non-finite scores or target gradient in layer {first.name}; "
+                                         "pass nonfinite='skip' to drop such steps")
+                self._skip = True
+        if self._skip:
+            for p in self._trainable:
+                p.grad = None
+            stats.skipped = True
+            self._reset_step()
+            return
+        for group in self._groups:
+            if group.count is None:
+                continue
+            for p, acc in group.acc.items():
+                g = acc / group.rows_broadcast(p, group.count.clamp_min(1).to(acc.dtype))
+                p.grad = g if p.grad is None else p.grad + g
+        if self._plain_acc:
+            denom = self._plain_tokens.clamp_min(1)
+            for p, acc in self._plain_acc.items():
+                g = acc / denom.to(acc.dtype)
+                p.grad = g if p.grad is None else p.grad + g
+        if self.target_strategy == "separate" and self._steps_since_capture is not None:
+            self._steps_since_capture += 1
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        for g in self._groups:
+            g.acc, g.count, g.bad, g.pending, g.calls = {}, None, None, [], 0
+        self._plain_acc, self._plain_tokens, self._skip, self._retained = {}, None, False, []
+
+
+def _unique_rules(parts):
+    seen, out = set(), []
+    for rule, _, _ in parts:
+        if id(rule) not in seen:
+            seen.add(id(rule))
+            out.append(rule)
+    return out
+
+
+def _row_sum(group: _Group, p, g: torch.Tensor, rows: bool) -> torch.Tensor:
+    """Sum a per-sample quantity [B, *p.shape] to [B] or to per-row [B, R]."""
+    if not rows:
+        return g.flatten(1).sum(1)
+    for rule in group.rules:
+        if p is getattr(rule, "bias", None):
+            return g
+        if p is getattr(rule, "weight", None):
+            return g.sum(1) if getattr(rule, "transposed", False) else g.sum(2)
+    raise AssertionError("parameter not in group")
+
+
+def _rows_target_sq(rule, tf: Factors) -> torch.Tensor:
+    dense = rule.target_dense(tf)
+    return sum((g.pow(2).sum(0) if getattr(rule, "transposed", False) and g.dim() == 2 else
+                (g.pow(2).sum(1) if g.dim() == 2 else g.pow(2))) for g in dense.values())
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

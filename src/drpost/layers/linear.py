@@ -1,0 +1,149 @@
+"""nn.Linear (weight [O, I]) and Hugging Face GPT-2 Conv1D (weight [I, O]), with or without bias.
+
+Per-sample gradient of one call: G_i = sum_s delta_{i,s} x_{i,s}^T (+ bias part sum_s delta_{i,s}).
+Every score below is an inner product with G_i computed from x and delta alone (the ghost
+trick), or from G_i materialised (``per_sample``) when that is cheaper.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Factors, LayerRule, acc_dtype
+
+
+class LinearRule(LayerRule):
+    kind = "linear"
+
+    def __init__(self, module: torch.nn.Module, transposed: bool = False):
+        super().__init__(module)
+        self.transposed = transposed  # Conv1D stores the weight as [in, out]
+        w = module.weight
+        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
+        self.weight = w if w.requires_grad else None
+        b = getattr(module, "bias", None)
+        self.bias = b if (b is not None and b.requires_grad) else None
+        self.has_bias = self.bias is not None
+
+    # weight in [O, I] orientation
+    def _w_oi(self, dtype):
+        w = self.module.weight.to(dtype)
+        return w.t() if self.transposed else w
+
+    def _to_layout(self, g_oi: torch.Tensor) -> torch.Tensor:
+        return g_oi.t() if self.transposed else g_oi
+
+    def input_grad(self, x, d):
+        dt = d.dtype
+        gx = d @ self._w_oi(dt)
+        return gx.to(x.dtype)
+
+    def factors(self, x, d):
+        x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() != 3 else x
+        d = d.reshape(d.shape[0], -1, d.shape[-1]) if d.dim() != 3 else d
+        return Factors(x.to(d.dtype), d)
+
+    def num_rows(self):
+        return self.out_features
+
+    def cost(self, backend, b, v, s, k):
+        o, i = self.out_features, self.in_features
+        chosen = 2.0 * k * s * o * i
+        if backend == "reduced_ghost":
+            return 2.0 * (b + v) * s * o * i + chosen, 4.0 * b * s * o
+        if backend == "pairwise_ghost":
+            return 2.0 * b * v * s * s * (o + i) + chosen, 8.0 * b * v * s * s
+        if backend == "direct":  # materialise, dot, reuse for the chosen sum
+            return 2.0 * (b + v) * s * o * i + 4.0 * b * o * i, 4.0 * b * o * i
+        raise ValueError(backend)
+
+    # -- target --------------------------------------------------------------------------
+    def target_dense(self, f):
+        dt = acc_dtype(f.d)
+        out = {}
+        if self.weight is not None:
+            g = f.d.flatten(0, 1).t() @ f.a.flatten(0, 1)
+            out[self.weight] = self._to_layout(g).to(dt)
+        if self.bias is not None:
+            out[self.bias] = f.d.sum((0, 1), dtype=dt)
+        return out
+
+    def _dense_oi(self, dense, dtype):
+        g = dense.get(self.weight) if self.weight is not None else None
+        if g is not None:
+            g = (g.t() if self.transposed else g).to(dtype)
+        b = dense.get(self.bias) if self.bias is not None else None
+        return g, b
+
+    # -- scores ------------------------------------------------------------------------------
+    def dense_scores(self, f, dense, rows):
+        dt = acc_dtype(f.d)
+        g, b = self._dense_oi(dense, f.d.dtype)
+        per_row = torch.zeros(f.n, self.out_features, dtype=dt, device=f.d.device)
+        if g is not None:
+            proj = f.a @ g.t()                          # [B, S, O]
+            per_row = per_row + (proj * f.d).sum(1, dtype=dt)
+        if b is not None:
+            per_row = per_row + f.d.sum(1, dtype=dt) * b.to(dt)
+        return per_row if rows else per_row.sum(1)
+
+    def _input_gram(self, a1, a2):
+        """(x_s . x_t) (+1 for the bias column), [N1, N2, S1, S2]."""
+        c = torch.einsum("nsi,mti->nmst", a1, a2) if self.weight is not None else None
+        if self.has_bias:
+            c = c + 1 if c is not None else torch.ones(a1.shape[0], a2.shape[0], a1.shape[1], a2.shape[1],
+                                                         dtype=a1.dtype, device=a1.device)
+        return c
+
+    def pairwise_scores(self, f, t, rows):
+        dt = acc_dtype(f.d)
+        c = self._input_gram(f.a, t.a)                  # [B, V, S, T]
+        if rows:
+            m = torch.einsum("bvst,vto->bso", c, t.d)
+            return (m * f.d).sum(1, dtype=dt)
+        dd = torch.einsum("bso,vto->bvst", f.d, t.d)
+        return (dd * c).sum((1, 2, 3), dtype=dt)
+
+    def per_sample(self, f):
+        dt = acc_dtype(f.d)
+        out = {}
+        if self.weight is not None:
+            g = torch.einsum("bso,bsi->boi", f.d, f.a)
+            out[self.weight] = (g.transpose(1, 2) if self.transposed else g).to(dt)
+        if self.bias is not None:
+            out[self.bias] = f.d.sum(1, dtype=dt)
+        return out
+
+    def sketch(self, f, proj, rows):
+        xs = proj.right(f.a)        # [N, S, k2]
+        if rows:
+            return torch.einsum("nso,nsk->nok", f.d, xs).to(acc_dtype(f.d))
+        ds = proj.left(f.d)                                                  # [N, S, k1]
+        return torch.einsum("nsa,nsb->nab", ds, xs).flatten(1).to(acc_dtype(f.d))
+
+    def sq_norms(self, f, rows):
+        dt = acc_dtype(f.d)
+        c = torch.einsum("bsi,bti->bst", f.a, f.a) if self.weight is not None else None
+        if self.has_bias:
+            c = c + 1 if c is not None else f.a.new_ones(f.n, f.a.shape[1], f.a.shape[1])
+        if rows:
+            return torch.einsum("bsr,bst,btr->br", f.d.to(dt), c.to(dt), f.d.to(dt))
+        dd = f.d @ f.d.transpose(1, 2)
+        return (dd * c).sum((1, 2), dtype=dt)
+
+    def gram(self, f):
+        dt = acc_dtype(f.d)
+        c = self._input_gram(f.a, f.a)
+        dd = torch.einsum("iso,jto->ijst", f.d, f.d)
+        return (dd * c).sum((2, 3), dtype=dt)
+
+    # -- update -----------------------------------------------------------------------------
+    def chosen(self, f, w):
+        dt = acc_dtype(f.d)
+        wd = f.d * (w.to(f.d.dtype)[:, None, :] if w.dim() == 2 else w.to(f.d.dtype)[:, None, None])
+        out = {}
+        if self.weight is not None:
+            g = wd.flatten(0, 1).t() @ f.a.flatten(0, 1)
+            out[self.weight] = self._to_layout(g)
+        if self.bias is not None:
+            out[self.bias] = wd.sum((0, 1), dtype=dt)
+        return out

@@ -1,0 +1,78 @@
+"""Factorised random projections of per-sample gradients (LoGra-style Kronecker sketches).
+
+For a linear layer the per-sample gradient is G_i = sum_s delta_s x_s^T, so its two-sided sketch
+P1^T G_i P2 = sum_s (P1^T delta_s)(P2^T x_s)^T needs only the projected factors. With E[P P^T] = I
+(Gaussian N(0, 1/k) entries, or a CountSketch with random signs) the sketched inner product is an
+unbiased estimate of <G_i, G_T>. A side whose width is at most k is left unprojected (identity).
+The bias is handled as an implicit constant-1 input column.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+_SPEC = re.compile(r"^(gaussian|normal|countsketch|sjlt)-(\d+)(?:x(\d+))?$")
+
+
+def parse_sketch(spec: str) -> tuple[str, int, int]:
+    m = _SPEC.match(str(spec).strip().lower().replace("*", "x"))
+    if not m:
+        raise ValueError(f"bad sketch spec {spec!r}: use 'gaussian-64x64' or 'countsketch-64x64' "
+                         "(kind-k1xk2; k1 projects the output-gradient side, k2 the input side)")
+    kind = {"normal": "gaussian", "sjlt": "countsketch"}.get(m.group(1), m.group(1))
+    k1 = int(m.group(2))
+    k2 = int(m.group(3) or k1)
+    if k1 < 1 or k2 < 1:
+        raise ValueError(f"sketch sizes must be positive, got {spec!r}")
+    return kind, k1, k2
+
+
+class _Side:
+    """One side's projection R^d -> R^k (or the identity when k >= d)."""
+
+    def __init__(self, kind: str, d: int, k: int, gen: torch.Generator, device, dtype):
+        self.identity = k >= d
+        self.kind, self.d, self.k = kind, d, (d if k >= d else k)
+        if self.identity:
+            return
+        if kind == "gaussian":
+            self.matrix = (torch.randn(d, k, generator=gen) / k ** 0.5).to(device=device, dtype=dtype)
+        else:
+            self.bucket = torch.randint(0, k, (d,), generator=gen).to(device)
+            self.sign = (torch.randint(0, 2, (d,), generator=gen) * 2 - 1).to(device=device, dtype=dtype)
+
+    def apply(self, t: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return t
+        if self.kind == "gaussian":
+            return t @ self.matrix.to(t.dtype)
+        out = t.new_zeros(*t.shape[:-1], self.k)
+        return out.index_add_(-1, self.bucket, t * self.sign.to(t.dtype))
+
+
+class LayerSketch:
+    """Projections for one layer: ``left`` acts on the output gradient [.., O], ``right`` on the
+    input [.., I] followed by an implicit column of ones when the layer has a trainable bias
+    (and without the input columns when the weight is frozen)."""
+
+    def __init__(self, kind: str, k1: int, k2: int, out_dim: int, in_dim: int, weight: bool, bias: bool,
+                 seed: int, device, dtype=torch.float32):
+        gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+        self.weight, self.bias = weight, bias
+        self.left_side = _Side(kind, out_dim, k1, gen, device, dtype)
+        self.right_side = _Side(kind, in_dim * int(weight) + int(bias), k2, gen, device, dtype)
+
+    def left(self, d: torch.Tensor) -> torch.Tensor:
+        return self.left_side.apply(d)
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        side = self.right_side
+        if not self.weight:
+            x = x[..., :0]
+        if not self.bias:
+            return side.apply(x)
+        if not side.identity and side.kind == "gaussian":   # x @ M[:I] + M[I] without concatenating
+            m = side.matrix.to(x.dtype)
+            return x @ m[:-1] + m[-1] if x.shape[-1] else m[-1].expand(*x.shape[:-1], -1).clone()
+        return side.apply(torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1))

@@ -525,17 +525,34 @@ class DataRegularizer:
         self.last_masks[group.name] = mask
         tokens = self._tokens_general
         w = mask.to(tokens.dtype)
+        k = self._fixed_k(mask)
         if per_sample is not None and w.dim() == 1:
             for p, g in per_sample.items():
                 self._add(group.acc, p, torch.einsum("b,b...->...", w.to(g.dtype), g))
-        else:
+        elif k is not None:
+            # a top-k set has a known size: gather the k chosen rows (no host sync) so that the
+            # chosen weight gradient costs k/B of a plain one
+            idx = torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:k]
             for rule, gen, _ in parts:
-                for p, g in rule.chosen(gen, w).items():
+                for p, g in rule.chosen(Factors(gen.a.index_select(0, idx), gen.d.index_select(0, idx)),
+                                        None).items():
+                    self._add(group.acc, p, g)
+        else:
+            all_rows = w.dim() == 1 and self.feasible_set in ("layerwise", "global", "greedy", "random")
+            for rule, gen, _ in parts:
+                for p, g in rule.chosen(gen, None if all_rows else w).items():
                     self._add(group.acc, p, g)
         count = (w * (tokens if w.dim() == 1 else tokens[:, None])).sum(0)
         group.count = count if group.count is None else group.count + count
         self._stats.selected[group.name] = mask.sum() if w.dim() == 1 else mask.sum(0).float().mean()
         self._stats.selected_tokens[group.name] = count
+
+    def _fixed_k(self, mask):
+        """The number of chosen samples when it is known without looking at the mask."""
+        if mask.dim() != 1 or self.feasible_set not in ("layerwise", "global", "greedy", "random"):
+            return None
+        k = fs.num_selected(mask.shape[0], self.frac)
+        return None if k == mask.shape[0] else k
 
     def _finish_global(self) -> None:
         retained, self._retained = self._retained, []

@@ -96,7 +96,7 @@ class LayerRule:
 
     # -- update -----------------------------------------------------------------------------
     def chosen(self, f: Factors, w: torch.Tensor) -> dict:
-        """{param: sum_i w_i G_i} for sample weights w [B] (or [B, R]: per row)."""
+        """{param: sum_i w_i G_i} for sample weights w [B] (or [B, R]: per row; None: all ones)."""
         raise NotImplementedError
 
 

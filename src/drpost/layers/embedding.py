@@ -98,7 +98,9 @@ class EmbeddingRule(LayerRule):
         return (dd * eq).sum((2, 3))
 
     def chosen(self, f, w):
-        if w.dim() == 2:    # per vocab row
+        if w is None:
+            tw = torch.ones_like(f.a, dtype=f.d.dtype)
+        elif w.dim() == 2:    # per vocab row
             tw = torch.gather(w, 1, f.a)                                       # [B, S]
         else:
             tw = w[:, None].expand_as(f.a)

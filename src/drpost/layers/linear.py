@@ -139,7 +139,10 @@ class LinearRule(LayerRule):
     # -- update -----------------------------------------------------------------------------
     def chosen(self, f, w):
         dt = acc_dtype(f.d)
-        wd = f.d * (w.to(f.d.dtype)[:, None, :] if w.dim() == 2 else w.to(f.d.dtype)[:, None, None])
+        if w is None:       # every row, weight 1
+            wd = f.d
+        else:
+            wd = f.d * (w.to(f.d.dtype)[:, None, :] if w.dim() == 2 else w.to(f.d.dtype)[:, None, None])
         out = {}
         if self.weight is not None:
             g = wd.flatten(0, 1).t() @ f.a.flatten(0, 1)

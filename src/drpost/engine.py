@@ -211,6 +211,10 @@ class DataRegularizer:
             raise ValueError("the model has no trainable parameters (every requires_grad is False): "
                              "nothing to post-train")
         self._trainable = trainable
+        if self._uses_hooks() and getattr(self.model, "is_gradient_checkpointing", False):
+            raise ValueError("gradient checkpointing re-runs forward inside backward, which drpost's "
+                             "per-layer hooks do not support yet; call model.gradient_checkpointing_disable() "
+                             "or use feasible_set='standard'")
         if not self._uses_hooks():
             self._plain_params = trainable
             return

@@ -211,7 +211,7 @@ class DataRegularizer:
             raise ValueError("the model has no trainable parameters (every requires_grad is False): "
                              "nothing to post-train")
         self._trainable = trainable
-        if self._uses_hooks() and getattr(self.model, "is_gradient_checkpointing", False):
+        if self._uses_hooks() and _checkpointing(self.model):
             raise ValueError("gradient checkpointing re-runs forward inside backward, which drpost's "
                              "per-layer hooks do not support yet; call model.gradient_checkpointing_disable() "
                              "or use feasible_set='standard'")
@@ -820,6 +820,13 @@ def _rows_target_sq(rule, tf: Factors) -> torch.Tensor:
     dense = rule.target_dense(tf)
     return sum((g.pow(2).sum(0) if getattr(rule, "transposed", False) and g.dim() == 2 else
                 (g.pow(2).sum(1) if g.dim() == 2 else g.pow(2))) for g in dense.values())
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):   # transformers 5, 4
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -313,6 +313,10 @@ class DataRegularizer:
             if self._mode != "merged":
                 return None   # separate strategy: plain autograd, target pass does not reach .grad
             x = rule.capture_input(args, kwargs)
+            if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
+                raise ValueError(f"{type(module).__name__} has trainable parameters but does not map one "
+                                 "tensor to one tensor, so drpost cannot keep target rows out of its "
+                                 "gradient; use target_strategy='separate' or freeze it")
             dev = x.device.type
             state = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
             self._pending_output = output.detach()
@@ -558,7 +562,19 @@ class DataRegularizer:
         k = fs.num_selected(mask.shape[0], self.frac)
         return None if k == mask.shape[0] else k
 
+    def _flush_pending(self) -> None:
+        """Groups whose every forward call did not reach the loss (e.g. a module called twice with
+        one output unused) are processed with the calls that did."""
+        for group in self._groups:
+            if group.pending:
+                group.calls = len(group.pending)
+                if self._mode == "capture":
+                    self._capture_group(group)
+                else:
+                    self._process_group(group)
+
     def _finish_global(self) -> None:
+        self._flush_pending()
         retained, self._retained = self._retained, []
         if not retained:
             return
@@ -722,6 +738,7 @@ class DataRegularizer:
                 if not self._check_loss(loss, "target"):
                     return
                 torch.autograd.grad(loss, params, allow_unused=True)
+                self._flush_pending()
                 total_tokens = tokens.sum() if total_tokens is None else total_tokens + tokens.sum()
                 total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
         finally:

@@ -1,0 +1,39 @@
+"""Shared test setup: offline Hugging Face, few threads, float64 defaults for oracles."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# tests/ on sys.path so test modules can `import oracles` / `import models_tiny`
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+torch.set_num_threads(1)  # tiny models: one thread is fastest and robust to a busy machine
+
+import transformers  # noqa: E402,F401  (imported after HF_HUB_OFFLINE is set)
+
+transformers.logging.set_verbosity_error()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def import_engine():
+    """``drpost.DataRegularizer``; skips only while the engine module does not exist at all
+    (an engine that exists but fails to import is an error, not a skip)."""
+    import importlib.util
+
+    if importlib.util.find_spec("drpost") is None or importlib.util.find_spec("drpost.engine") is None:
+        pytest.skip("drpost.engine does not exist yet")
+    from drpost import DataRegularizer
+
+    return DataRegularizer

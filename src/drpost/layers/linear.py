@@ -86,21 +86,27 @@ class LinearRule(LayerRule):
             per_row = per_row + f.d.sum(1, dtype=dt) * b.to(dt)
         return per_row if rows else per_row.sum(1)
 
+    @staticmethod
+    def _cross(t1, t2):
+        """(t1_{n,s} . t2_{m,t}) as one GEMM, viewed [N1, S1, N2, S2]."""
+        n1, s1, n2, s2 = t1.shape[0], t1.shape[1], t2.shape[0], t2.shape[1]
+        return (t1.reshape(n1 * s1, -1) @ t2.reshape(n2 * s2, -1).t()).view(n1, s1, n2, s2)
+
     def _input_gram(self, a1, a2):
-        """(x_s . x_t) (+1 for the bias column), [N1, N2, S1, S2]."""
-        c = torch.einsum("nsi,mti->nmst", a1, a2) if self.weight is not None else None
+        """(x_s . x_t) (+1 for the bias column), [N1, S1, N2, S2]."""
+        c = self._cross(a1, a2) if self.weight is not None else None
         if self.has_bias:
-            c = c + 1 if c is not None else torch.ones(a1.shape[0], a2.shape[0], a1.shape[1], a2.shape[1],
-                                                         dtype=a1.dtype, device=a1.device)
+            c = c + 1 if c is not None else a1.new_ones(a1.shape[0], a1.shape[1], a2.shape[0], a2.shape[1])
         return c
 
     def pairwise_scores(self, f, t, rows):
         dt = acc_dtype(f.d)
-        c = self._input_gram(f.a, t.a)                  # [B, V, S, T]
+        c = self._input_gram(f.a, t.a)                  # [B, S, V, T]
         if rows:
-            m = torch.einsum("bvst,vto->bso", c, t.d)
+            b, s = c.shape[:2]
+            m = (c.reshape(b * s, -1) @ t.d.reshape(-1, t.d.shape[-1])).view(b, s, -1)   # [B, S, O]
             return (m * f.d).sum(1, dtype=dt)
-        dd = torch.einsum("bso,vto->bvst", f.d, t.d)
+        dd = self._cross(f.d, t.d)
         return (dd * c).sum((1, 2, 3), dtype=dt)
 
     def per_sample(self, f):
@@ -132,9 +138,9 @@ class LinearRule(LayerRule):
 
     def gram(self, f):
         dt = acc_dtype(f.d)
-        c = self._input_gram(f.a, f.a)
-        dd = torch.einsum("iso,jto->ijst", f.d, f.d)
-        return (dd * c).sum((2, 3), dtype=dt)
+        c = self._input_gram(f.a, f.a)                  # [B, S, B, T]
+        dd = self._cross(f.d, f.d)
+        return (dd * c).sum((1, 3), dtype=dt)
 
     # -- update -----------------------------------------------------------------------------
     def chosen(self, f, w):

@@ -194,7 +194,9 @@ def make_batch(n: int, seq: int, seed: int, vocab: int = VOCAB, min_len: int | N
     for i in range(n):
         length = int(lengths[i])
         low = 0 if include_pad_token else 1
-        row = torch.randint(max(low, 1) if i % 3 else low, vocab, (length,), generator=g)
+        row = torch.randint(low + (i % 3 != 0), vocab, (length,), generator=g)
+        if include_pad_token and i % 3 == 0 and length > 3:
+            row[2] = pad_id   # a real (attended, supervised) occurrence of the padding token
         ids[i, :length] = row
         mask[i, :length] = 1
         labels[i, :length] = row

@@ -1,0 +1,134 @@
+"""Sketch scoring: unbiased score estimates, exact gradients given the selection."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import oracles as O
+from conftest import import_engine
+from test_engine_oracle import FRAC, get_case
+
+
+def sketch_run(case, spec, seed, feasible="layerwise", strategy="merged", **kw):
+    DataRegularizer = import_engine()
+    model = case.fresh()
+    reg = DataRegularizer(model, feasible_set=feasible, frac=FRAC, scoring="sketch", sketch=spec, seed=seed,
+                          target_strategy=strategy, **kw)
+    reg.backward(case.general, case.target)
+    scores = {n: v.detach().double().clone() for n, v in reg.last_scores.items()}
+    masks = {n: v.detach().clone() for n, v in reg.last_masks.items()}
+    backends = dict(reg.layer_backends)
+    reg.detach()
+    return model, scores, masks, backends
+
+
+def _projected_layers(case, k):
+    """Layers (Linear/Conv1D only) with a side wider than k, so that a k x k sketch is random."""
+    out = []
+    for layer in case.oracle.layers:
+        if layer.kinds != ["linear"] and layer.kinds != ["conv1d"]:
+            continue
+        w = [n for n in layer.params if n.endswith("weight")][0]
+        shape = case.oracle.G[0][w].shape
+        o, i = (shape[0], shape[1]) if layer.kinds == ["linear"] else (shape[1], shape[0])
+        if o > k or i > k:
+            out.append(layer.name)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
+@pytest.mark.parametrize("model_name,n", [("tiny_lm", 300), ("gpt2", 300)])
+def test_sketch_scores_are_unbiased(model_name, n, kind):
+    case = get_case(model_name)
+    orc = case.oracle
+    k = 12
+    names = _projected_layers(case, k)
+    assert names, "no layer wide enough to be sketched"
+    runs = [sketch_run(case, f"{kind}-{k}x{k}", seed)[1] for seed in range(n)]
+    for name in orc.names:
+        est = torch.stack([r[name] for r in runs])            # [n, B]
+        mean, sd = est.mean(0), est.std(0)
+        exact = orc.scores[name]
+        scale = float(exact.abs().max())
+        if name not in names:
+            continue
+        assert float(sd.max()) > 1e-6 * scale, f"{name}: sketched scores do not vary with the seed"
+        z = (mean - exact).abs() / (sd / math.sqrt(n) + 1e-12 * scale)
+        assert float(z.max()) < 5.0, (f"{name}: mean of {n} sketched scores is {float(z.max()):.1f} standard "
+                                      f"errors from the exact score\nmean={mean}\nexact={exact}")
+        # the test has power: the standard error is small against the scores themselves
+        se = float((sd / math.sqrt(n)).max())
+        assert se < 0.25 * scale, f"{name}: standard error {se:.3g} too large for scores of size {scale:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
+def test_sketch_is_deterministic_given_seed(kind):
+    case = get_case("tiny_lm")
+    _, a, ma, _ = sketch_run(case, f"{kind}-6x6", seed=3)
+    _, b, mb, _ = sketch_run(case, f"{kind}-6x6", seed=3)
+    _, c, _, _ = sketch_run(case, f"{kind}-6x6", seed=4)
+    for n in a:
+        assert torch.equal(a[n], b[n])
+        assert torch.equal(ma[n], mb[n])
+    assert any(not torch.allclose(a[n], c[n]) for n in _projected_layers(case, 6))
+
+
+@pytest.mark.parametrize("model_name", ["llama_tied", "llama_untied_bias", "gpt2", "llama_lora", "gpt2_lora",
+                                        "tiny_lm"])
+def test_large_sketch_topk_agrees(model_name):
+    case = get_case(model_name)
+    orc = case.oracle
+    _, scores, masks, backends = sketch_run(case, "gaussian-256x256", seed=0)
+    kk = O.num_selected(orc.B, FRAC)
+    agree = sum(torch.equal(masks[n].cpu(), O.naive_topk(orc.scores[n], kk)) for n in orc.names)
+    assert agree >= 0.8 * len(orc.names), f"top-k agrees with exact scoring on {agree}/{len(orc.names)} layers"
+    for n in orc.names:   # scores are close to exact with a sketch this large
+        assert O.rel_err(scores[n], orc.scores[n]) < 0.5, n
+
+
+@pytest.mark.parametrize("strategy", ["merged", "separate"])
+@pytest.mark.parametrize("feasible", ["layerwise", "global", "rowwise", "filter"])
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
+@pytest.mark.parametrize("model_name", ["llama_untied_bias", "gpt2", "gpt2_lora", "tiny_lm"])
+def test_sketch_gradients_exact_given_selection(model_name, kind, feasible, strategy):
+    case = get_case(model_name)
+    orc = case.oracle
+    model, scores, masks, backends = sketch_run(case, f"{kind}-6x6", seed=1, feasible=feasible, strategy=strategy)
+    for n in orc.names:
+        m = masks[n].cpu().to(torch.bool)
+        assert m.shape == ((orc.B, orc.row_scores[n].shape[1]) if feasible == "rowwise" else (orc.B,))
+        if feasible in ("layerwise", "global"):
+            assert int(m.sum()) == O.num_selected(orc.B, FRAC)
+        if feasible == "global":
+            assert torch.equal(m, masks[orc.names[0]].cpu())
+    O.assert_grads(model, orc.expected_grads({n: masks[n].cpu().to(torch.bool) for n in orc.names}),
+                   f"sketch {kind} {feasible}")
+
+
+@pytest.mark.parametrize("feasible", ["layerwise", "rowwise"])
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
+def test_sketch_merged_equals_separate(kind, feasible):
+    case = get_case("gpt2")
+    _, a, ma, _ = sketch_run(case, f"{kind}-6x6", seed=2, feasible=feasible, strategy="merged")
+    _, b, mb, _ = sketch_run(case, f"{kind}-6x6", seed=2, feasible=feasible, strategy="separate")
+    for n in a:
+        O.assert_close(a[n], b[n], f"sketch scores {n}", 1e-7)
+        assert torch.equal(ma[n], mb[n])
+
+
+def test_sketch_selection_follows_sketched_scores():
+    """Top-k is taken on the sketched scores the engine reports."""
+    case = get_case("tiny_lm")
+    _, scores, masks, _ = sketch_run(case, "gaussian-6x6", seed=5)
+    k = O.num_selected(case.oracle.B, FRAC)
+    for n in scores:
+        assert torch.equal(masks[n].cpu(), O.naive_topk(scores[n], k)), n
+
+
+def test_sketch_backend_reported():
+    case = get_case("tiny_lm")
+    _, _, _, backends = sketch_run(case, "gaussian-6x6", seed=0)
+    for n in _projected_layers(case, 6):
+        assert backends[n] == "sketch", f"{n}: {backends[n]}"

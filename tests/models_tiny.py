@@ -50,11 +50,11 @@ def exact_rmsnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def llama(tied: bool = True, num_layers: int = 1, bias: bool = False, seed: int = 0) -> nn.Module:
+def llama(tied: bool = True, num_layers: int = 1, bias: bool = False, seed: int = 0, kv_heads: int = 2) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      num_attention_heads=2, num_key_value_heads=kv_heads, max_position_embeddings=64,
                       tie_word_embeddings=tied, attention_bias=bias, mlp_bias=bias, attention_dropout=0.0,
                       initializer_range=0.15, pad_token_id=PAD_ID, bos_token_id=1, eos_token_id=2,
                       attn_implementation="sdpa")
@@ -167,7 +167,7 @@ def single_layer_llama(seed: int = 0) -> nn.Module:
 BUILDERS = {
     "llama_tied": lambda: llama(tied=True, seed=1),
     "llama_untied_bias": lambda: llama(tied=False, bias=True, seed=2),
-    "llama_2layer": lambda: llama(tied=True, num_layers=2, seed=3),
+    "llama_2layer": lambda: llama(tied=True, num_layers=2, seed=3, kv_heads=1),   # GQA
     "gpt2": lambda: gpt2(seed=4),
     "llama_lora": lambda: llama_lora(seed=5),
     "gpt2_lora": lambda: gpt2_lora(seed=6),

@@ -1,0 +1,8 @@
+"""Thin glue between drpost's ``DataRegularizer`` and training frameworks.
+
+``drpost.integrations.hf``: ``DrPostArguments`` and ``DrPostTrainer``, a Hugging Face
+``transformers.Trainer`` whose backward is the data-regularized one.
+"""
+from .hf import DrPostArguments, DrPostTrainer, TargetSampler
+
+__all__ = ["DrPostArguments", "DrPostTrainer", "TargetSampler"]

@@ -1,0 +1,406 @@
+"""Dr. Post-Training inside the Hugging Face ``Trainer``.
+
+    from drpost.integrations import DrPostArguments, DrPostTrainer
+
+    args = DrPostArguments(output_dir="out", feasible_set="layerwise", frac=0.5, target_batch_size=4,
+                           per_device_train_batch_size=16, max_steps=200, logging_steps=10)
+    trainer = DrPostTrainer(model=model, args=args, train_dataset=general, target_dataset=target,
+                            data_collator=collator)
+    trainer.train()                       # or trainer.train(resume_from_checkpoint=True)
+
+Only ``training_step`` changes: each micro-batch of general data goes through
+``DataRegularizer.backward(general, target, finalize=<last micro-batch of the step>)`` instead of
+``compute_loss`` + ``accelerator.backward``. Everything after the backward (gradient clipping, the
+optimizer, the LR scheduler, logging cadence, evaluation, checkpoints) is the stock Trainer's code,
+so ``feasible_set="standard"`` or ``frac=1`` reproduces stock training.
+
+Why a plain ``transformers.Trainer`` subclass and not TRL's ``SFTTrainer``: what SFTTrainer adds
+is dataset preparation (chat templates, tokenisation, packing, completion-only masks; it needs a
+tokenizer) and a ``compute_loss`` with extra entropy/token-accuracy metrics. drpost replaces exactly
+that loss/backward path and takes already tokenised rows, so an SFTTrainer subclass would have to
+override its loss and bypass its data preparation: more code for no behaviour. Tokenise with TRL or
+``drpost.data`` and pass the rows here.
+
+How the pieces map onto the Trainer (transformers 5):
+
+* **Last micro-batch.** ``Trainer._run_epoch`` calls
+  ``accelerator.gradient_state._set_sync_gradients(do_sync_step)`` before every ``training_step``,
+  where ``do_sync_step`` is exactly the condition under which it clips, steps the optimizer and
+  zeroes the gradients after that micro-batch. ``training_step`` therefore passes
+  ``finalize=self.accelerator.sync_gradients``.
+* **Loss scaling for the logs.** ``get_batch_samples`` (which prefetches the micro-batches of one
+  optimisation step) is extended to count the supervised tokens ``labels[:, 1:] != -100`` of the
+  whole step; each micro-batch returns ``its loss sum / step tokens``, so the Trainer's ``loss``
+  log is the step's token-mean general loss, as with the stock Trainer's ``num_items_in_batch``.
+* **Mixed precision.** Accelerate applies autocast by patching the prepared model's ``forward``;
+  the regularizer calls that same module, and the whole step runs inside the Trainer's
+  ``compute_loss_context_manager()`` as the stock ``compute_loss`` does.
+* **Target batches.** ``TargetSampler``: an endless, seeded stream, reshuffled every target
+  epoch, drawn once per *optimisation step*: all micro-batches of one accumulated step share the
+  same target batch (the target gradient is a property of the step, not of the micro-batch).
+* **Checkpoints.** ``drpost_state.pt`` in every ``checkpoint-N`` folder holds the sampler state
+  (seed, epoch, position) and the state of the regularizer's generator (``random`` feasible set);
+  ``train(resume_from_checkpoint=...)`` restores both, so a resumed run is identical to an
+  uninterrupted one.
+* **Skipped steps** (``nonfinite="skip"``): the engine sets every ``.grad`` to None, so torch
+  optimizers skip every parameter (no moment update, no weight decay, no step count); the LR
+  scheduler still advances, as in the stock Trainer. They are counted in ``skipped_steps``.
+* **Logs.** At every logging step the Trainer's log dict gets the running means over the interval
+  (over non-skipped steps) of ``general_loss``, ``target_loss``, ``selected_mean/min/max`` (general
+  samples chosen per layer in one optimisation step, over layers) and ``selected_tokens`` (their
+  supervised tokens, mean over layers), plus ``skipped_steps`` in the interval. They reach every
+  ``report_to`` integration (TensorBoard shows them under ``train/``).
+
+Single process only (the engine has no collectives yet); gradient checkpointing is refused by the
+engine with a clear error.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from .. import feasible as fs
+from ..batch import IGNORE_INDEX
+from ..engine import NONFINITE, SCORE_NORMS, TARGET_STRATEGIES, DataRegularizer
+from ..scoring import BACKENDS, parse_sketch
+
+DRPOST_STATE_NAME = "drpost_state.pt"
+_TARGET_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+@dataclass
+class DrPostArguments(TrainingArguments):
+    """``TrainingArguments`` plus the Dr. Post-Training options of ``DataRegularizer``.
+
+    ``seed`` also seeds the target sampler and the ``random`` feasible set."""
+
+    feasible_set: str = field(
+        default="layerwise",
+        metadata={"help": "Feasible set of update directions built from the general batch: 'standard' "
+                          "(plain training), 'target_only', 'global', 'layerwise', 'rowwise', 'filter', "
+                          "'greedy' or 'random'.", "choices": list(fs.FEASIBLE_SETS)})
+    frac: float = field(
+        default=0.5,
+        metadata={"help": "Regularization strength in (0, 1]: top-k feasible sets keep "
+                          "k = max(1, floor(batch * frac)) general samples per layer; 'filter' drops this "
+                          "share of the negatively scored samples. frac=1 is plain training."})
+    scoring: str = field(
+        default="auto",
+        metadata={"help": "How the per-sample scores <G_i, g_T> are computed: 'reduced_ghost', "
+                          "'pairwise_ghost', 'direct', 'sketch' or 'auto' (cheapest exact back-end per layer).",
+                  "choices": list(BACKENDS)})
+    target_strategy: str = field(
+        default="merged",
+        metadata={"help": "'merged': target rows ride in the same forward/backward as the general batch; "
+                          "'separate': the target gradient is captured first and reused for `refresh_every` "
+                          "steps.", "choices": list(TARGET_STRATEGIES)})
+    score_norm: str = field(
+        default="none",
+        metadata={"help": "Score normalisation before selection: 'none' (paper), 'per_token' or 'cosine'.",
+                  "choices": list(SCORE_NORMS)})
+    scope: str = field(
+        default="layer",
+        metadata={"help": "Decision scope of 'filter', 'greedy' and 'random': per 'layer' or one 'global' "
+                          "decision.", "choices": list(fs.SCOPES)})
+    sketch: str = field(
+        default="gaussian-64x64",
+        metadata={"help": "Sketch for scoring='sketch': 'gaussian-K1xK2' or 'countsketch-K1xK2'."})
+    refresh_every: int = field(
+        default=1,
+        metadata={"help": "target_strategy='separate': recapture the target gradient every this many "
+                          "optimisation steps."})
+    target_batch_size: int = field(
+        default=2,
+        metadata={"help": "Target rows drawn per optimisation step (shared by all its micro-batches)."})
+    n_target: int = field(
+        default=16,
+        metadata={"help": "Minimum number of rows the target dataset must have (a guard against passing "
+                          "the wrong, too small split)."})
+    nonfinite: str = field(
+        default="skip",
+        metadata={"help": "On a NaN/inf loss, score or target gradient: 'skip' the optimisation step "
+                          "(counted in the logs as skipped_steps) or raise an 'error'.",
+                  "choices": list(NONFINITE)})
+    greedy_lr: float = field(
+        default=1e-4,
+        metadata={"help": "Step size weighing the second-order term of feasible_set='greedy'."})
+
+    def __post_init__(self):
+        def one_of(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"DrPostArguments: unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+
+        one_of("feasible_set", fs.FEASIBLE_SETS)
+        one_of("scoring", BACKENDS)
+        one_of("target_strategy", TARGET_STRATEGIES)
+        one_of("score_norm", SCORE_NORMS)
+        one_of("scope", fs.SCOPES)
+        one_of("nonfinite", NONFINITE)
+        try:
+            fs.check_frac(self.frac)
+            parse_sketch(self.sketch)
+        except ValueError as e:
+            raise ValueError(f"DrPostArguments: {e}") from None
+        for name in ("refresh_every", "target_batch_size", "n_target"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DrPostArguments: {name} must be a positive integer, got {value!r}")
+        if isinstance(self.greedy_lr, bool) or not isinstance(self.greedy_lr, (int, float)) or not self.greedy_lr > 0:
+            raise ValueError(f"DrPostArguments: greedy_lr must be a positive number, got {self.greedy_lr!r}")
+        super().__post_init__()
+
+
+class TargetSampler:
+    """Endless, seeded stream of target batches (lists of row indices).
+
+    Target epoch e is a permutation of the rows drawn from a generator seeded with (seed, e); it is
+    cut into ``n // batch_size`` batches (a batch never repeats a row; the ``n % batch_size`` rows left
+    over go unused that epoch, a different few each epoch). The state ``(seed, epoch, position)``
+    determines every future batch."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if batch_size > n:
+            raise ValueError(f"target_batch_size ({batch_size}) is larger than the target dataset ({n} rows)")
+        self.n, self.batch_size, self.seed = n, batch_size, int(seed)
+        self.epoch, self.position = 0, 0
+        self._perm, self._perm_epoch = None, None
+
+    def _permutation(self) -> list:
+        if self._perm_epoch != self.epoch:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 63)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), self.epoch
+        return self._perm
+
+    def next_indices(self) -> list:
+        if self.position + self.batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+        out = self._permutation()[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return out
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "n": self.n,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"the checkpoint's target sampler ran over {state['n']} target rows but this run's "
+                             f"target dataset has {self.n}: resume with the same target dataset")
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+
+
+class DrPostTrainer(Trainer):
+    """A ``transformers.Trainer`` whose backward is ``DataRegularizer.backward``.
+
+    Args (besides the Trainer's own):
+        args: ``DrPostArguments``.
+        target_dataset: a list or ``datasets.Dataset`` of tokenised target examples (``input_ids``,
+            ``labels`` with -100 for unsupervised positions, optional ``attention_mask``), collated
+            with the trainer's ``data_collator``. May be None only for ``feasible_set="standard"``.
+
+    ``trainer.regularizer`` is the ``DataRegularizer`` (created at the first training step on the
+    prepared, unwrapped model; ``last_masks``/``last_scores`` describe the last micro-batch). It stays
+    attached after ``train()``; ``trainer.regularizer.detach()`` removes its hooks.
+    """
+
+    def __init__(self, model=None, args: DrPostArguments | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, *trainer_args, target_dataset=None, **kwargs):
+        if args is None:
+            args = DrPostArguments(output_dir="trainer_output")
+        if not isinstance(args, DrPostArguments):
+            raise TypeError(f"DrPostTrainer needs DrPostArguments, got {type(args).__name__}; "
+                            "DrPostArguments accepts every TrainingArguments field")
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                         *trainer_args, **kwargs)
+        self.target_dataset = self._check_target(target_dataset)
+        self._reg: DataRegularizer | None = None
+        self._reset_run_state()
+
+    # ------------------------------------------------------------------ target data
+    def _check_target(self, target):
+        a = self.args
+        if target is None:
+            if a.feasible_set == "standard":
+                return None
+            raise ValueError(f"feasible_set={a.feasible_set!r} needs target examples: pass target_dataset=")
+        try:
+            n = len(target)
+        except TypeError:
+            raise TypeError("target_dataset must be a list or a datasets.Dataset of tokenised examples, got "
+                            f"{type(target).__name__}") from None
+        if n < a.n_target:
+            raise ValueError(f"the target dataset has {n} rows but n_target={a.n_target} requires at least "
+                             f"{a.n_target}: pass the full target split, or lower n_target")
+        if n < a.target_batch_size:
+            raise ValueError(f"target_batch_size={a.target_batch_size} is larger than the target dataset ({n} rows)")
+        empty = []
+        for i in range(n):
+            row = target[i]
+            if not hasattr(row, "keys") or "input_ids" not in row or "labels" not in row:
+                keys = sorted(row.keys()) if hasattr(row, "keys") else type(row).__name__
+                raise ValueError(f"target example {i} needs 'input_ids' and 'labels' (tokenised, -100 where no "
+                                 f"loss); got {keys}")
+            labels = torch.as_tensor(row["labels"])
+            if labels.dim() != 1 or not bool((labels[1:] != IGNORE_INDEX).any()):
+                empty.append(i)
+        if empty:
+            shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+            raise ValueError(f"{len(empty)} target example(s) have no supervised tokens (every label after the "
+                             f"first position is -100): rows {shown}; check the chat template / label masking "
+                             "and truncation, or drop those rows")
+        return target
+
+    def _target_batch_for_step(self) -> dict | None:
+        if self._sampler is None:
+            return None
+        rows = []
+        for i in self._sampler.next_indices():
+            row = self.target_dataset[i]
+            rows.append({k: row[k] for k in _TARGET_KEYS if k in row})
+        return self._prepare_inputs(self.data_collator(rows))
+
+    # ------------------------------------------------------------------ the regularizer
+    @property
+    def regularizer(self) -> DataRegularizer | None:
+        return self._reg
+
+    def _regularizer_for(self, model) -> DataRegularizer:
+        if self._reg is None:
+            a = self.args
+            if a.world_size > 1 or a.n_gpu > 1:
+                raise NotImplementedError("DrPostTrainer runs single-process only: drpost does not all-reduce "
+                                          "its chosen gradients across processes/GPUs yet")
+            self._reg = DataRegularizer(
+                self.accelerator.unwrap_model(model), feasible_set=a.feasible_set, frac=a.frac,
+                scoring=a.scoring, target_strategy=a.target_strategy, score_norm=a.score_norm, scope=a.scope,
+                sketch=a.sketch, seed=a.seed, greedy_lr=a.greedy_lr, refresh_every=a.refresh_every,
+                nonfinite=a.nonfinite, pad_token_id=getattr(self.processing_class, "pad_token_id", None))
+            if self._pending_generator_state is not None:
+                self._reg._generator.set_state(self._pending_generator_state)
+                self._pending_generator_state = None
+        return self._reg
+
+    def _reset_run_state(self) -> None:
+        """A fresh run: new regularizer at the first step, sampler from its seed, empty logs."""
+        if self._reg is not None:
+            self._reg.detach()
+            self._reg = None
+        t = self.target_dataset
+        self._sampler = None if t is None else TargetSampler(len(t), self.args.target_batch_size, self.args.seed)
+        self._pending_generator_state = None
+        self._target_batch = None
+        self._step_tokens = None
+        self._micro: list = []
+        self._metrics: dict = {}
+        self._skipped_in_interval = 0
+
+    # ------------------------------------------------------------------ the step
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = [(b["labels"][..., 1:] != IGNORE_INDEX).sum() for b in batch_samples
+                  if isinstance(b, dict) and isinstance(b.get("labels"), torch.Tensor)]
+        self._step_tokens = sum(counts) if counts and len(counts) == len(batch_samples) else None
+        return batch_samples, num_items_in_batch
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        reg = self._regularizer_for(model)
+        if self._target_batch is None:                  # first micro-batch of an optimisation step
+            self._target_batch = self._target_batch_for_step()
+        finalize = bool(self.accelerator.sync_gradients)  # the Trainer steps the optimizer after this one
+        with self.compute_loss_context_manager():
+            stats = reg.backward(inputs, self._target_batch, finalize=finalize)
+        self._record(stats, finalize)
+        if finalize:
+            self._target_batch = None
+        if self._step_tokens is not None:
+            loss = stats.general_loss * stats.general_tokens / self._step_tokens.to(stats.general_loss.device)
+        else:
+            loss = stats.general_loss / self.current_gradient_accumulation_steps
+        return loss.detach().to(device=self.args.device, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ logs
+    def _record(self, stats, finalize: bool) -> None:
+        """Keep this micro-batch's device tensors; at the step's end, add the step to the interval."""
+        self._micro.append((stats.general_loss, stats.general_tokens, stats.target_loss,
+                            dict(stats.selected), dict(stats.selected_tokens)))
+        if not finalize:
+            return
+        micro, self._micro = self._micro, []
+        if stats.skipped:
+            self._skipped_in_interval += 1
+            return
+        step = {"general_loss": sum(m[0] * m[1] for m in micro) / sum(m[1] for m in micro)}
+        targets = [m[2] for m in micro if m[2] is not None]
+        if targets:
+            step["target_loss"] = sum(targets) / len(targets)
+        layers = list(micro[-1][3])
+        if layers:
+            counts = torch.stack([sum(m[3][k].float().mean() for m in micro if k in m[3]) for k in layers])
+            tokens = torch.stack([sum(m[4][k].float().mean() for m in micro if k in m[4]) for k in layers])
+            step.update(selected_mean=counts.mean(), selected_min=counts.min(), selected_max=counts.max(),
+                        selected_tokens=tokens.mean())
+        for name, value in step.items():
+            total, n = self._metrics.get(name, (0.0, 0))
+            self._metrics[name] = (total + value.detach().float(), n + 1)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:      # a training log: add the drpost running means of the interval
+            for name, (total, n) in self._metrics.items():
+                logs[name] = float(total) / n
+            logs["skipped_steps"] = self._skipped_in_interval
+            self._metrics, self._skipped_in_interval = {}, 0
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ checkpoints
+    def drpost_state_dict(self) -> dict:
+        reg = self._reg
+        generator = reg._generator.get_state() if reg is not None else self._pending_generator_state
+        return {"format": 1,
+                "target_sampler": None if self._sampler is None else self._sampler.state_dict(),
+                "generator": generator,
+                "steps_since_capture": getattr(reg, "_steps_since_capture", None),
+                "feasible_set": self.args.feasible_set}
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            torch.save(self.drpost_state_dict(), os.path.join(folder, DRPOST_STATE_NAME))
+
+    def _load_drpost_state(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, DRPOST_STATE_NAME)
+        if not os.path.isfile(path):
+            warnings.warn(f"{checkpoint} has no {DRPOST_STATE_NAME} (not written by DrPostTrainer?): the target "
+                          "sampler and the regularizer's generator start from the seed", stacklevel=3)
+            return
+        state = torch.load(path, weights_only=True)
+        if state.get("target_sampler") is not None and self._sampler is not None:
+            self._sampler.load_state_dict(state["target_sampler"])
+        self._pending_generator_state = state.get("generator")
+        since = state.get("steps_since_capture")
+        a = self.args
+        if a.target_strategy == "separate" and since is not None and since < a.refresh_every:
+            warnings.warn(f"the checkpoint's cached target gradient was {since} step(s) old and is not saved: the "
+                          f"resumed run recaptures it at its first step instead of {a.refresh_every - since} "
+                          "step(s) later (save at multiples of refresh_every for identical resumes)", stacklevel=3)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              **kwargs):
+        self._reset_run_state()
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)   # None: the Trainer raises its own error
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self._load_drpost_state(os.fspath(checkpoint))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)

@@ -197,6 +197,9 @@ class DataRegularizer:
         self._stats = None
         self.last_scores: dict = {}
         self.last_masks: dict = {}
+        self.last_global_scores = None   # global scope: summed (normalised) scores and the one subset
+        self.last_global_mask = None
+        self._target_loss = None
         self.layer_backends: dict = {}
         self._warned: set = set()
         self._attach()
@@ -208,7 +211,7 @@ class DataRegularizer:
     def _attach(self) -> None:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         if not trainable:
-            raise ValueError("the model has no trainable parameters (every requires_grad is False): "
+            raise ValueError("the model has no trainable layer (every parameter has requires_grad=False): "
                              "nothing to post-train")
         self._trainable = trainable
         if self._uses_hooks() and _checkpointing(self.model):
@@ -580,11 +583,11 @@ class DataRegularizer:
             return
         total = sum(r[2] for r in retained)
         gram = sum(r[3] for r in retained) if self.feasible_set == "greedy" else None
-        self.last_scores["__global__"] = total
+        self.last_global_scores = total
         mask = self._select(total, gram, self._tokens_general)
         for group, parts, _, _, per_sample in retained:
             self._assemble(group, parts, mask, per_sample)
-        self.last_masks["__global__"] = mask
+        self.last_global_mask = mask
 
     # ------------------------------------------------------------------ the step
     def backward(self, general_batch: dict, target_batch: dict | None = None, *, finalize: bool = True) -> StepStats:
@@ -614,9 +617,10 @@ class DataRegularizer:
             elif self.target_strategy == "merged":
                 self._merged_step(general, target)
             else:
-                if needs_target or target is not None and self._steps_since_capture is None:
+                if needs_target:
                     self.capture_target(target)
-                self._general_step(general)
+                if not self._skip:
+                    self._general_step(general)
         except BaseException:
             self._mode = None
             self._reset_step()
@@ -639,7 +643,7 @@ class DataRegularizer:
         if bool(torch.isfinite(loss)):
             return True
         if self.nonfinite == "error":
-            raise NonFiniteError(f"non-finite {what} loss ({float(loss)}); check the learning rate, the data "
+            raise NonFiniteError(f"non-finite {what} loss ({float(loss.detach())}); check the learning rate, the data "
                                  "and the precision, or pass nonfinite='skip' to drop such steps")
         self._skip = True
         return False

@@ -291,6 +291,45 @@ class DataRegularizer:
         """{layer: LongTensor of chosen general-sample indices} (forces a host sync; not for rowwise)."""
         return {k: m.nonzero().flatten() for k, m in self.last_masks.items() if m.dim() == 1}
 
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Everything that makes the next steps reproducible: the generator of the ``random``
+        feasible set and, with the separate strategy, the cached target gradient and its age."""
+        caches = {}
+        for g in self._groups:
+            if g.cache is None:
+                continue
+            kind, rep = g.cache["kind"], g.cache["repr"]
+            if kind == "pairwise_ghost":
+                rep = [(g.rules.index(r), f.a, f.d) for r, f in rep]
+            elif kind == "sketch":
+                rep = {[id(r) for r in g.rules].index(k): v for k, v in rep.items()}
+            else:
+                rep = {g.params.index(p): v for p, v in rep.items()}
+            caches[g.name] = {"kind": kind, "repr": rep}
+        return {"generator": self._generator.get_state(), "steps_since_capture": self._steps_since_capture,
+                "target_caches": caches, "tokens_target_total": getattr(self, "_tokens_target_total", None),
+                "target_loss": self._target_loss, "sketch_seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
+        self._steps_since_capture = state.get("steps_since_capture")
+        self._target_loss = state.get("target_loss")
+        if state.get("tokens_target_total") is not None:
+            self._tokens_target_total = state["tokens_target_total"]
+        by_name = {g.name: g for g in self._groups}
+        for name, c in state.get("target_caches", {}).items():
+            if name not in by_name:
+                raise ValueError(f"checkpointed target gradient for layer {name!r}, which this model lacks")
+            g, kind, rep = by_name[name], c["kind"], c["repr"]
+            if kind == "pairwise_ghost":
+                rep = [(g.rules[i], Factors(a, d)) for i, a, d in rep]
+            elif kind == "sketch":
+                rep = {id(g.rules[i]): v for i, v in rep.items()}
+            else:
+                rep = {g.params[i]: v for i, v in rep.items()}
+            g.cache = {"kind": kind, "repr": rep}
+
     # ------------------------------------------------------------------ hooks
     def _make_scored_hook(self, group: _Group, rule):
         def hook(module, args, kwargs, output):

@@ -189,11 +189,15 @@ def test_other_configurations_run(tmp_path, kw):
         assert ("selected_mean" in r) == (kw.get("feasible_set") != "target_only")
 
 
-def test_resume_warns_when_separate_target_cache_is_lost(tmp_path):
-    kw = dict(target_strategy="separate", refresh_every=3, save_strategy="steps", save_steps=2)
-    drpost_run(tmp_path, "first", max_steps=2, **kw)
-    with pytest.warns(UserWarning, match="recaptures it at its first step instead of 1 step"):
-        drpost_run(tmp_path, "second", max_steps=3, resume=str(tmp_path / "first" / "checkpoint-2"), **kw)
+def test_resume_between_target_refreshes_is_identical(tmp_path):
+    """separate strategy, target refreshed every 3 steps, checkpoint at step 2: the cached target
+    gradient travels in the checkpoint, so the resumed step 3 uses it exactly as the full run does."""
+    kw = dict(target_strategy="separate", refresh_every=3, save_strategy="steps", save_steps=2, max_steps=4)
+    full, full_model = drpost_run(tmp_path, "full", **kw)
+    resumed, resumed_model = drpost_run(tmp_path, "resumed", resume=str(tmp_path / "full" / "checkpoint-2"), **kw)
+    assert_params_close(params_of(resumed_model), params_of(full_model), rtol=0, atol=0)
+    for k, m in full.regularizer.last_masks.items():
+        assert torch.equal(m, resumed.regularizer.last_masks[k]), k
 
 
 def test_lora_trains_only_adapters(tmp_path):

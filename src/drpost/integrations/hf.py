@@ -39,7 +39,8 @@ How the pieces map onto the Trainer (transformers 5):
   epoch, drawn once per *optimisation step*: all micro-batches of one accumulated step share the
   same target batch (the target gradient is a property of the step, not of the micro-batch).
 * **Checkpoints.** ``drpost_state.pt`` in every ``checkpoint-N`` folder holds the sampler state
-  (seed, epoch, position) and the state of the regularizer's generator (``random`` feasible set);
+  (seed, epoch, position) and ``DataRegularizer.state_dict()`` (the generator of the ``random``
+  feasible set, and with the separate strategy the cached target gradient and its age);
   ``train(resume_from_checkpoint=...)`` restores both, so a resumed run is identical to an
   uninterrupted one.
 * **Skipped steps** (``nonfinite="skip"``): the engine sets every ``.grad`` to None, so torch
@@ -281,9 +282,9 @@ class DrPostTrainer(Trainer):
                 scoring=a.scoring, target_strategy=a.target_strategy, score_norm=a.score_norm, scope=a.scope,
                 sketch=a.sketch, seed=a.seed, greedy_lr=a.greedy_lr, refresh_every=a.refresh_every,
                 nonfinite=a.nonfinite, pad_token_id=getattr(self.processing_class, "pad_token_id", None))
-            if self._pending_generator_state is not None:
-                self._reg._generator.set_state(self._pending_generator_state)
-                self._pending_generator_state = None
+            if self._pending_reg_state is not None:
+                self._reg.load_state_dict(self._pending_reg_state)
+                self._pending_reg_state = None
         return self._reg
 
     def _reset_run_state(self) -> None:
@@ -293,7 +294,7 @@ class DrPostTrainer(Trainer):
             self._reg = None
         t = self.target_dataset
         self._sampler = None if t is None else TargetSampler(len(t), self.args.target_batch_size, self.args.seed)
-        self._pending_generator_state = None
+        self._pending_reg_state = None
         self._target_batch = None
         self._step_tokens = None
         self._micro: list = []
@@ -364,11 +365,9 @@ class DrPostTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def drpost_state_dict(self) -> dict:
         reg = self._reg
-        generator = reg._generator.get_state() if reg is not None else self._pending_generator_state
-        return {"format": 1,
+        return {"format": 2,
                 "target_sampler": None if self._sampler is None else self._sampler.state_dict(),
-                "generator": generator,
-                "steps_since_capture": getattr(reg, "_steps_since_capture", None),
+                "regularizer": reg.state_dict() if reg is not None else self._pending_reg_state,
                 "feasible_set": self.args.feasible_set}
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -386,13 +385,7 @@ class DrPostTrainer(Trainer):
         state = torch.load(path, weights_only=True)
         if state.get("target_sampler") is not None and self._sampler is not None:
             self._sampler.load_state_dict(state["target_sampler"])
-        self._pending_generator_state = state.get("generator")
-        since = state.get("steps_since_capture")
-        a = self.args
-        if a.target_strategy == "separate" and since is not None and since < a.refresh_every:
-            warnings.warn(f"the checkpoint's cached target gradient was {since} step(s) old and is not saved: the "
-                          f"resumed run recaptures it at its first step instead of {a.refresh_every - since} "
-                          "step(s) later (save at multiples of refresh_every for identical resumes)", stacklevel=3)
+        self._pending_reg_state = state.get("regularizer")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               **kwargs):

@@ -155,7 +155,7 @@ def _train_one(method, cfg, data, ppl_before, pad_id) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - t0)
 
-        record = {"step": step, **stats.to_dict()}
+        record = {"step": step, "seconds": step_seconds[-1], **stats.to_dict()}
         record.pop("selected", None)  # per-layer counts: too verbose for the metrics file
         for kind, share in _kept_by_kind(reg, [ex["kind"] for ex in gen_rows]).items():
             kept[kind].append(share)

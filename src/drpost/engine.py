@@ -23,8 +23,9 @@ import torch
 
 from . import feasible as fs
 from .batch import check_batch, merge_batches, require_supervised, row_losses
+from .group import LayerGroup, ScoringConfig, add_into
 from .layers import Factors, RowRestrictedRule, is_norm, scored_rule_for, unscored_rule_for
-from .scoring import LayerSketch, check_backend, choose_backend, parse_sketch
+from .scoring import check_backend, parse_sketch
 
 TARGET_STRATEGIES = ("merged", "separate")
 SCORE_NORMS = ("none", "per_token", "cosine")
@@ -60,43 +61,6 @@ class StepStats:
             out["selected_max"] = max(counts)
             out["selected"] = dict(zip(self.selected.keys(), counts))
         return out
-
-
-class _Group:
-    """One scored "layer": the parameters of a module, or a parameter shared by several modules
-    (tied weights: one group, every use counted)."""
-
-    def __init__(self, index: int):
-        self.index = index
-        self.names: list[str] = []
-        self.rules: list = []
-        self.params: list[torch.nn.Parameter] = []
-        self.calls = 0                  # forward calls in the current pass
-        self.pending: list = []         # (rule, general factors, target factors) of finished backward calls
-        self.cache: dict | None = None  # separate strategy: target representation
-        self.sketches: dict = {}
-        self.acc: dict = {}
-        self.count = None               # chosen supervised tokens (scalar or per row)
-        self.bad = None                 # device flag: non-finite score/target seen
-
-    @property
-    def name(self) -> str:
-        return "+".join(self.names)
-
-    @property
-    def multi_use(self) -> bool:
-        return len(self.rules) > 1 or self.calls > 1
-
-    def rows_broadcast(self, p: torch.nn.Parameter, count: torch.Tensor) -> torch.Tensor:
-        """Reshape a per-row count so that it broadcasts against parameter p."""
-        if count.dim() == 0:
-            return count
-        for rule in self.rules:
-            if p is getattr(rule, "bias", None):
-                return count
-            if p is getattr(rule, "weight", None):
-                return count[None, :] if getattr(rule, "transposed", False) else count[:, None]
-        raise AssertionError("parameter not in group")
 
 
 class _Use:
@@ -180,12 +144,15 @@ class DataRegularizer:
         self.pad_token_id = pad_token_id if pad_token_id is not None else \
             (getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
         self._generator = torch.Generator().manual_seed(self.seed)
+        self._scoring_cfg = ScoringConfig(scoring, self.sketch_kind, self.sketch_k1, self.sketch_k2, self.seed,
+                                          self.direct_max_bytes, score_norm,
+                                          target_factors=target_strategy == "merged" or scoring == "pairwise_ghost")
 
         self._mode = None               # None (hooks idle) | "merged" | "capture" | "general"
         self._rows = 0                  # rows of the batch in the current forward
         self._pending_output = None
         self._handles: list = []
-        self._groups: list[_Group] = []
+        self._groups: list[LayerGroup] = []
         self._row_rules: list[RowRestrictedRule] = []
         self._plain_params: list[torch.nn.Parameter] = []   # everything not in a scored group
         self._plain_acc: dict = {}
@@ -221,7 +188,7 @@ class DataRegularizer:
         if not self._uses_hooks():
             self._plain_params = trainable
             return
-        group_of: dict[int, _Group] = {}
+        group_of: dict[int, LayerGroup] = {}
         row_params: set[int] = set()
         for name, module in self.model.named_modules():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -230,7 +197,7 @@ class DataRegularizer:
             rule = scored_rule_for(module)
             if rule is not None:
                 groups = {id(group_of[id(p)]): group_of[id(p)] for p in own if id(p) in group_of}
-                group = next(iter(groups.values())) if groups else _Group(len(self._groups))
+                group = next(iter(groups.values())) if groups else LayerGroup(len(self._groups))
                 if len(groups) > 1:
                     raise ValueError(f"{name} shares parameters with several scored layers; not supported")
                 if not groups:
@@ -331,7 +298,7 @@ class DataRegularizer:
             g.cache = {"kind": kind, "repr": rep}
 
     # ------------------------------------------------------------------ hooks
-    def _make_scored_hook(self, group: _Group, rule):
+    def _make_scored_hook(self, group: LayerGroup, rule):
         def hook(module, args, kwargs, output):
             if self._mode is None:
                 return None
@@ -370,7 +337,7 @@ class DataRegularizer:
             grad_x, grads = use.rule.backward(a, d, use.state, self._n_general)
             with torch.no_grad():
                 for p, g in grads.items():
-                    self._add(self._plain_acc, p, g)
+                    add_into(self._plain_acc, p, g)
             return grad_x if need_input_grad else None
         grad_a = use.rule.input_grad(a, d) if need_input_grad else None
         with torch.no_grad():
@@ -378,16 +345,8 @@ class DataRegularizer:
             self._on_factors(use.group, use.rule, f)
         return grad_a
 
-    @staticmethod
-    def _add(acc: dict, p, g) -> None:
-        g = g.to(p.dtype)
-        if p in acc:
-            acc[p].add_(g)
-        else:
-            acc[p] = g.clone() if g.data_ptr() == p.data_ptr() else g
-
     # ------------------------------------------------------------------ per-layer work
-    def _on_factors(self, group: _Group, rule, f: Factors) -> None:
+    def _on_factors(self, group: LayerGroup, rule, f: Factors) -> None:
         if self._mode == "capture":
             group.pending.append((rule, None, f))
             if len(group.pending) == group.calls:
@@ -401,162 +360,38 @@ class DataRegularizer:
         if len(group.pending) == group.calls:
             self._process_group(group)
 
-    def _backend(self, group: _Group, rule, s: int) -> str:
+    def _shape(self, s: int):
         b, v = self._n_general, self._n_target
-        k = fs.num_selected(b, self.frac)
-        if self.scoring == "sketch":
-            return "reduced_ghost" if (group.multi_use or rule.supports == ("reduced_ghost",)) else "sketch"
-        return choose_backend(self.scoring, rule, b, v, s, k, multi_use=group.multi_use,
-                              target_factors_available=(self.target_strategy == "merged"
-                                                        or self.scoring == "pairwise_ghost"),
-                              max_bytes=self.direct_max_bytes)
+        return b, v, s, fs.num_selected(max(b, 1), self.frac)
 
-    def _sketch_of(self, group: _Group, rule):
-        sk = group.sketches.get(id(rule))
-        if sk is None:
-            sk = LayerSketch(self.sketch_kind, self.sketch_k1, self.sketch_k2, rule.out_features,
-                             rule.in_features, rule.weight is not None, rule.has_bias,
-                             seed=self.seed * 1_000_003 + group.index * 7919 + len(group.sketches),
-                             device=rule.module.weight.device)
-            group.sketches[id(rule)] = sk
-        return sk
+    def _capture_group(self, group: LayerGroup) -> None:
+        parts = group.take_pending()
+        backend = group.backend(self._scoring_cfg, parts[0][0], *self._shape(parts[0][2].a.shape[1]))
+        group.capture(self._scoring_cfg, parts, backend, self.feasible_set == "rowwise")
 
-    def _target_repr(self, group: _Group, parts, backend: str, rows: bool):
-        """The target side in the form the back-end needs (raw sums over target rows)."""
-        if backend == "pairwise_ghost":
-            return [(rule, Factors.cat([t for r, _, t in parts if r is rule])) for rule in _unique_rules(parts)]
-        if backend == "sketch":
-            return {id(rule): rule.sketch(t, self._sketch_of(group, rule), rows).sum(0)
-                    for rule, _, t in parts}
-        dense: dict = {}
-        for rule, _, t in parts:
-            for p, g in rule.target_dense(t).items():
-                self._add(dense, p, g.to(torch.promote_types(g.dtype, torch.float32)))
-        return dense
-
-    def _capture_group(self, group: _Group) -> None:
-        parts, group.pending = group.pending, []
-        backend = self._backend(group, parts[0][0], parts[0][2].a.shape[1])
+    def _process_group(self, group: LayerGroup) -> None:
+        """All backward calls of a group are in: score, then choose (or wait for the global choice)."""
+        cfg, parts = self._scoring_cfg, group.take_pending()
         rows = self.feasible_set == "rowwise"
-        kind = "pairwise_ghost" if backend == "pairwise_ghost" else ("sketch" if backend == "sketch" else "dense")
-        new = self._target_repr(group, parts, backend, rows)
-        old = group.cache
-        if old is None or old["kind"] != kind:
-            group.cache = {"kind": kind, "repr": new}
-        elif kind == "pairwise_ghost":
-            merged = dict((id(r), f) for r, f in old["repr"])
-            group.cache["repr"] = [(r, Factors.cat([merged[id(r)], f]) if id(r) in merged else f) for r, f in new]
-        else:
-            for key, val in new.items():
-                old["repr"][key] = old["repr"][key] + val if key in old["repr"] else val
-
-    def _process_group(self, group: _Group) -> None:
-        parts, group.pending = group.pending, []
-        s = parts[0][1].a.shape[1]
-        rows = self.feasible_set == "rowwise"
+        shape = self._shape(parts[0][1].a.shape[1])
         if self._mode == "merged":
-            backend = self._backend(group, parts[0][0], s)
-            target = self._target_repr(group, parts, backend, rows)
+            backend = group.backend(cfg, parts[0][0], *shape)
+            target = group.target_repr(cfg, parts, backend, rows)
         else:
-            if group.cache is None:
-                raise RuntimeError(f"no target gradient cached for layer {group.name}: the target pass "
-                                   "did not reach it (is the layer used by the target batch?)")
-            kind = group.cache["kind"]
-            backend = {"dense": None}.get(kind, kind) or self._backend(group, parts[0][0], s)
-            if kind == "dense" and backend in ("pairwise_ghost", "sketch"):
-                backend = "reduced_ghost"
-            target = group.cache["repr"]
+            backend, target = group.cached_target(cfg, parts[0][0], *shape)
         self.layer_backends[group.name] = backend
-        gen_tokens = self._tokens_general
-        per_sample = None
-        if backend == "direct" and len(parts) == 1:
-            rule, gen, _ = parts[0]
-            nbytes = 4.0 * gen.n * sum(p.numel() for p in rule.params)
-            if nbytes <= self.direct_max_bytes and not rows:
-                per_sample = rule.per_sample(gen)
-                raw = sum((per_sample[p].flatten(1) * target[p].flatten().to(per_sample[p].dtype)).sum(1)
-                          for p in per_sample if p in target)
-            else:
-                raw = self._direct_chunked(rule, gen, target, rows)
-        else:
-            raw = None
-            for rule, gen, _ in parts:
-                if backend == "pairwise_ghost":
-                    tf = dict((id(r), f) for r, f in target)[id(rule)]
-                    sc = rule.pairwise_scores(gen, tf, rows)
-                elif backend == "sketch":
-                    c = rule.sketch(gen, self._sketch_of(group, rule), rows)
-                    sc = (c * target[id(rule)].to(c.dtype)).sum(-1)
-                else:
-                    sc = rule.dense_scores(gen, target, rows)
-                raw = sc if raw is None else raw + sc
+        raw, per_sample = group.scores(cfg, parts, target, backend, rows)
         scores = raw / self._tokens_target_total
         self.last_scores[group.name] = scores
         flag = ~torch.isfinite(scores).all()
         group.bad = flag if group.bad is None else (group.bad | flag)
-        normed = self._normalise(group, parts, scores, target, backend, rows)
-        gram = self._gram(group, parts, backend) if self.feasible_set == "greedy" else None
+        normed = group.normalise(cfg, parts, scores, target, backend, rows, self._tokens_general,
+                                 self._tokens_target_total)
+        gram = group.gram(cfg, parts, backend) if self.feasible_set == "greedy" else None
         if self.scope == "global":
             self._retained.append((group, parts, normed, gram, per_sample))
             return
-        mask = self._select(normed, gram, gen_tokens)
-        self._assemble(group, parts, mask, per_sample)
-
-    def _direct_chunked(self, rule, gen, target, rows):
-        per_sample_bytes = 4.0 * sum(p.numel() for p in rule.params)
-        chunk = max(1, int(self.direct_max_bytes // max(per_sample_bytes, 1)))
-        if rows:
-            return rule.dense_scores(gen, target, rows)
-        out = []
-        for start in range(0, gen.n, chunk):
-            ps = rule.per_sample(gen.rows(slice(start, start + chunk)))
-            out.append(sum((ps[p].flatten(1) * target[p].flatten().to(ps[p].dtype)).sum(1)
-                           for p in ps if p in target))
-        return torch.cat(out)
-
-    def _normalise(self, group, parts, scores, target, backend, rows):
-        if self.score_norm == "none":
-            return scores
-        if self.score_norm == "per_token":
-            return fs.normalise_scores(scores, "per_token", tokens=self._tokens_general)
-        # cosine: |G_i| from the same factors, |g_T| from the target representation
-        if group.multi_use:
-            ps: dict = {}
-            for rule, gen, _ in parts:
-                for p, g in rule.per_sample(gen).items():
-                    self._add(ps, p, g)
-            sq = sum(_row_sum(group, p, g.pow(2), rows) for p, g in ps.items())
-        elif backend == "sketch":
-            rule, gen, _ = parts[0]
-            c = rule.sketch(gen, self._sketch_of(group, rule), rows)
-            sq = c.pow(2).sum(-1)
-        else:
-            rule, gen, _ = parts[0]
-            sq = rule.sq_norms(gen, rows)
-        if backend == "pairwise_ghost":
-            rule, tf = target[0]
-            tsq = rule.gram(tf).sum() if not rows else _rows_target_sq(rule, tf)
-        elif backend == "sketch":
-            tsq = sum(t.pow(2).sum(-1) for t in target.values())
-        else:
-            tsq = sum(_row_sum(group, p, g.pow(2)[None], rows)[0] for p, g in target.items())
-        tnorm = tsq.clamp_min(0).sqrt() / self._tokens_target_total
-        return fs.normalise_scores(scores, "cosine", sample_norms=sq.clamp_min(0).sqrt(), target_norm=tnorm)
-
-    def _gram(self, group, parts, backend):
-        if backend == "sketch" and not group.multi_use:
-            rule, gen, _ = parts[0]
-            c = rule.sketch(gen, self._sketch_of(group, rule), False)
-            return c @ c.t()
-        if group.multi_use:
-            ps: dict = {}
-            for rule, gen, _ in parts:
-                for p, g in rule.per_sample(gen).items():
-                    self._add(ps, p, g)
-            flat = torch.cat([g.flatten(1) for g in ps.values()], 1)
-            return flat @ flat.t()
-        rule, gen, _ = parts[0]
-        return rule.gram(gen)
+        self._assemble(group, parts, self._select(normed, gram, self._tokens_general), per_sample)
 
     def _select(self, scores, gram, tokens):
         fset, b = self.feasible_set, scores.shape[0]
@@ -574,27 +409,16 @@ class DataRegularizer:
     def _assemble(self, group, parts, mask, per_sample=None):
         self.last_masks[group.name] = mask
         tokens = self._tokens_general
-        w = mask.to(tokens.dtype)
         k = self._fixed_k(mask)
-        if per_sample is not None and w.dim() == 1:
-            for p, g in per_sample.items():
-                self._add(group.acc, p, torch.einsum("b,b...->...", w.to(g.dtype), g))
-        elif k is not None:
-            # a top-k set has a known size: gather the k chosen rows (no host sync) so that the
-            # chosen weight gradient costs k/B of a plain one
+        idx = None
+        weights = mask.to(tokens.dtype)
+        if k is not None:
+            # a top-k set has a known size: gather its rows without a host sync
             idx = torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:k]
-            for rule, gen, _ in parts:
-                for p, g in rule.chosen(Factors(gen.a.index_select(0, idx), gen.d.index_select(0, idx)),
-                                        None).items():
-                    self._add(group.acc, p, g)
-        else:
-            all_rows = w.dim() == 1 and self.feasible_set in ("layerwise", "global", "greedy", "random")
-            for rule, gen, _ in parts:
-                for p, g in rule.chosen(gen, None if all_rows else w).items():
-                    self._add(group.acc, p, g)
-        count = (w * (tokens if w.dim() == 1 else tokens[:, None])).sum(0)
-        group.count = count if group.count is None else group.count + count
-        self._stats.selected[group.name] = mask.sum() if w.dim() == 1 else mask.sum(0).float().mean()
+        elif mask.dim() == 1 and self.feasible_set in ("layerwise", "global", "greedy", "random"):
+            weights = None     # k == B: every sample
+        count = group.accumulate(parts, weights, idx, per_sample, tokens)
+        self._stats.selected[group.name] = mask.sum() if mask.dim() == 1 else mask.sum(0).float().mean()
         self._stats.selected_tokens[group.name] = count
 
     def _fixed_k(self, mask):
@@ -701,7 +525,7 @@ class DataRegularizer:
         for p in self._plain_params:
             g, p.grad = p.grad, old[p]
             if g is not None:
-                self._add(self._plain_acc, p, g)
+                add_into(self._plain_acc, p, g)
 
     def _plain_step(self, general, target):
         """standard (general rows) or target_only (target rows): ordinary autograd, token sums."""
@@ -851,35 +675,8 @@ class DataRegularizer:
 
     def _reset_step(self) -> None:
         for g in self._groups:
-            g.acc, g.count, g.bad, g.pending, g.calls = {}, None, None, [], 0
+            g.reset()
         self._plain_acc, self._plain_tokens, self._skip, self._retained = {}, None, False, []
-
-
-def _unique_rules(parts):
-    seen, out = set(), []
-    for rule, _, _ in parts:
-        if id(rule) not in seen:
-            seen.add(id(rule))
-            out.append(rule)
-    return out
-
-
-def _row_sum(group: _Group, p, g: torch.Tensor, rows: bool) -> torch.Tensor:
-    """Sum a per-sample quantity [B, *p.shape] to [B] or to per-row [B, R]."""
-    if not rows:
-        return g.flatten(1).sum(1)
-    for rule in group.rules:
-        if p is getattr(rule, "bias", None):
-            return g
-        if p is getattr(rule, "weight", None):
-            return g.sum(1) if getattr(rule, "transposed", False) else g.sum(2)
-    raise AssertionError("parameter not in group")
-
-
-def _rows_target_sq(rule, tf: Factors) -> torch.Tensor:
-    dense = rule.target_dense(tf)
-    return sum((g.pow(2).sum(0) if getattr(rule, "transposed", False) and g.dim() == 2 else
-                (g.pow(2).sum(1) if g.dim() == 2 else g.pow(2))) for g in dense.values())
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .feasible import normalise_scores
-from .layers import Factors
+from .layers import Factors, tied
 from .scoring import LayerSketch, choose_backend
 
 
@@ -89,10 +89,20 @@ class LayerGroup:
 
     # ------------------------------------------------------------------ back-end and target side
     def backend(self, cfg: ScoringConfig, rule, b: int, v: int, s: int, k: int) -> str:
+        if self.multi_use and self._tied_ghost(cfg):
+            if cfg.scoring == "pairwise_ghost":
+                return "pairwise_ghost"
+            ghost, dense = tied.cost(self.rules, b, v, s)
+            return "pairwise_ghost" if ghost < dense else "reduced_ghost"
         if cfg.scoring == "sketch":
             return "reduced_ghost" if (self.multi_use or rule.supports == ("reduced_ghost",)) else "sketch"
         return choose_backend(cfg.scoring, rule, b, v, s, k, multi_use=self.multi_use,
                               target_factors_available=cfg.target_factors, max_bytes=cfg.direct_max_bytes)
+
+    def _tied_ghost(self, cfg: ScoringConfig) -> bool:
+        """Tied Linear/Embedding uses, each called once, scored from factors (layers/tied.py)."""
+        return (cfg.scoring in ("pairwise_ghost", "auto") and cfg.target_factors
+                and self.calls == len(self.rules) and tied.ghostable(self.rules))
 
     def sketch_of(self, cfg: ScoringConfig, rule) -> LayerSketch:
         sk = self.sketches.get(id(rule))
@@ -158,6 +168,12 @@ class LayerGroup:
             return torch.cat([_dot(rule.per_sample(gen.rows(slice(i, i + chunk))), target)
                               for i in range(0, gen.n, chunk)]), None
         raw = None
+        if backend == "pairwise_ghost" and self.multi_use:
+            for rule, gen, _ in parts:
+                for rule_t, tgt in target:
+                    sc = tied.cross_scores(rule, gen, rule_t, tgt, rows)
+                    raw = sc if raw is None else raw + sc
+            return raw, None
         for rule, gen, _ in parts:
             if backend == "pairwise_ghost":
                 sc = rule.pairwise_scores(gen, {id(r): f for r, f in target}[id(rule)], rows)
@@ -191,15 +207,18 @@ class LayerGroup:
         else:
             rule, gen, _ = parts[0]
             sq = rule.sq_norms(gen, rows)
-        if backend == "pairwise_ghost":
+        if backend == "pairwise_ghost" and (rows or self.multi_use):
+            dense: dict = {}
+            for rule, tf in target:
+                for p, g in rule.target_dense(tf).items():
+                    add_into(dense, p, g, torch.promote_types(g.dtype, torch.float32))
+            target, backend = dense, "reduced_ghost"
+        elif backend == "pairwise_ghost":
             rule, tf = target[0]
-            if rows:
-                target = rule.target_dense(tf)
-            else:
-                tsq = rule.gram(tf).sum()
+            tsq = rule.gram(tf).sum()
         if backend == "sketch":
             tsq = sum(t.pow(2).sum(-1) for t in target.values())
-        elif backend != "pairwise_ghost" or rows:
+        elif backend != "pairwise_ghost":
             tsq = sum(self.row_sum(p, g.pow(2)[None], rows)[0] for p, g in target.items())
         tnorm = tsq.clamp_min(0).sqrt() / target_tokens
         return normalise_scores(scores, "cosine", sample_norms=sq.clamp_min(0).sqrt(), target_norm=tnorm)

@@ -3,6 +3,7 @@ from .embedding import EmbeddingRule
 from .linear import LinearRule
 from .norms import RowRestrictedRule, is_norm
 from .registry import scored_rule_for, unscored_rule_for
+from . import tied
 
 __all__ = ["Factors", "LayerRule", "LinearRule", "EmbeddingRule", "RowRestrictedRule", "is_norm",
            "scored_rule_for", "unscored_rule_for"]

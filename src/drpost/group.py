@@ -101,7 +101,7 @@ class LayerGroup:
 
     def _tied_ghost(self, cfg: ScoringConfig) -> bool:
         """Tied Linear/Embedding uses, each called once, scored from factors (layers/tied.py)."""
-        return (cfg.scoring in ("pairwise_ghost", "auto") and cfg.target_factors
+        return (cfg.scoring != "reduced_ghost" and cfg.target_factors
                 and self.calls == len(self.rules) and tied.ghostable(self.rules))
 
     def sketch_of(self, cfg: ScoringConfig, rule) -> LayerSketch:

@@ -15,6 +15,7 @@ from .sketch import LayerSketch, parse_sketch
 
 BACKENDS = ("reduced_ghost", "pairwise_ghost", "direct", "sketch", "auto")
 EXACT = ("reduced_ghost", "pairwise_ghost", "direct")
+BYTE_COST = 16.0    # FLOP-equivalents per byte of temporaries
 
 
 def check_backend(name: str) -> str:
@@ -29,7 +30,10 @@ def choose_backend(requested: str, rule, b: int, v: int, s: int, k: int, *, mult
 
     Rules that only know one exact path (embeddings: gather-dot) and parameters shared by several
     modules (tied weights, scored against their one collapsed target gradient) use reduced_ghost.
-    ``auto`` minimises the modelled FLOPs among the exact back-ends that fit ``max_bytes``."""
+    ``auto`` minimises the modelled cost among the exact back-ends that fit ``max_bytes``: FLOPs
+    plus ``BYTE_COST`` per byte of extra temporaries (materialised per-sample gradients are
+    memory-bound: on a 2-core CPU ``direct`` measured 1.8x a plain step where FLOPs alone
+    predicted it cheapest; see benchmarks/overhead.py)."""
     if multi_use or rule.supports == ("reduced_ghost",):
         return "reduced_ghost"
     if requested != "auto":
@@ -41,8 +45,9 @@ def choose_backend(requested: str, rule, b: int, v: int, s: int, k: int, *, mult
         flops, extra = rule.cost(name, b, v, s, k)
         if extra > max_bytes:
             continue
-        if best_cost is None or flops < best_cost:
-            best, best_cost = name, flops
+        cost = flops + BYTE_COST * extra
+        if best_cost is None or cost < best_cost:
+            best, best_cost = name, cost
     return best
 
 

@@ -39,7 +39,8 @@ class NonFiniteError(FloatingPointError):
 
 @dataclass
 class StepStats:
-    """What one ``backward`` call saw. Tensors stay on the device until ``to_dict``."""
+    """What one ``backward`` call (one micro-batch) saw. Tensors stay on the device until
+    ``to_dict``; ``skipped`` is set on the call that finalizes a dropped step."""
     general_loss: torch.Tensor | None = None
     target_loss: torch.Tensor | None = None
     general_tokens: torch.Tensor | None = None
@@ -47,6 +48,15 @@ class StepStats:
     selected: dict = field(default_factory=dict)       # layer -> number of chosen samples (or rows x samples)
     selected_tokens: dict = field(default_factory=dict)
     skipped: bool = False
+
+    def add(self, role: str, loss_sum: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Token-weighted loss over the parts of this call (target_only reports both batches)."""
+        old_t = getattr(self, f"{role}_tokens")
+        old_l = getattr(self, f"{role}_loss")
+        total_t = tokens if old_t is None else old_t + tokens
+        total_sum = loss_sum if old_t is None else old_l * old_t + loss_sum
+        setattr(self, f"{role}_tokens", total_t)
+        setattr(self, f"{role}_loss", total_sum / total_t.clamp_min(1))
 
     def to_dict(self) -> dict:
         def f(t):
@@ -158,7 +168,6 @@ class DataRegularizer:
         self._plain_acc: dict = {}
         self._plain_tokens = None
         self._retained: list = []       # global scope: (group, parts, normalised scores, gram)
-        self._step_tokens = None
         self._skip = False
         self._steps_since_capture = None
         self._stats = None
@@ -461,9 +470,7 @@ class DataRegularizer:
         by the chosen samples' token counts and writes ``.grad``."""
         device = _model_device(self.model)
         general = check_batch(general_batch, "general", device)
-        if self._stats is None:
-            self._stats = StepStats()
-        stats = self._stats
+        stats = self._stats = StepStats()     # this call's (micro-batch's) statistics
         fset = self.feasible_set
         needs_target = fset != "standard" and (self.target_strategy == "merged" or fset == "target_only"
                                                or self._steps_since_capture is None
@@ -537,12 +544,12 @@ class DataRegularizer:
         stats = self._stats
         t_total = tokens.sum()
         if self.feasible_set == "standard":
-            stats.general_loss, stats.general_tokens = loss.detach() / t_total, t_total
+            stats.add("general", loss.detach(), t_total)
         else:
-            stats.target_loss, stats.target_tokens = loss.detach() / t_total, t_total
+            stats.add("target", loss.detach(), t_total)
             with torch.no_grad():
                 gs, gt = row_losses(self.model, other, self.loss_fn)
-            stats.general_loss, stats.general_tokens = gs.sum() / gt.sum().clamp_min(1), gt.sum()
+            stats.add("general", gs.sum(), gt.sum())
         if not self._check_loss(loss, "training"):
             return
         old = self._stash_plain()
@@ -571,13 +578,11 @@ class DataRegularizer:
         self._tokens_general = tokens[:b]
         t_gen = tokens[:b].sum()
         stats = self._stats
-        stats.general_loss = sums[:b].detach().sum() / t_gen.clamp_min(1)
-        stats.general_tokens = t_gen
+        stats.add("general", sums[:b].detach().sum(), t_gen)
         if tokens.shape[0] > b:
             t_tgt = tokens[b:].sum()
             self._tokens_target_total = t_tgt
-            stats.target_loss = sums[b:].detach().sum() / t_tgt.clamp_min(1)
-            stats.target_tokens = t_tgt
+            stats.add("target", sums[b:].detach().sum(), t_tgt)
             require_supervised(t_tgt, "target")
         require_supervised(t_gen, "general")
         self._accumulate_tokens("_plain_tokens", t_gen)
@@ -628,8 +633,7 @@ class DataRegularizer:
         sums, tokens = self._forward_losses(general, "general")
         try:
             self._set_step_tokens(sums, tokens, b)
-            self._stats.target_loss = self._target_loss
-            self._stats.target_tokens = self._tokens_target_total
+            self._stats.add("target", self._target_loss * self._tokens_target_total, self._tokens_target_total)
             loss = sums.sum()
             if not self._check_loss(loss, "general"):
                 return

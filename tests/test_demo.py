@@ -1,4 +1,5 @@
-"""Smoke test of `drpost demo`: the real model (truncated to 1 layer) and real data, 2 steps."""
+"""Smoke test of `drpost demo`: the real model (truncated to 1 layer) and real data, 2 steps,
+all five default methods; checks metrics.json, the plots, config.json and the printed table."""
 
 import json
 import math
@@ -7,7 +8,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import pytest  # noqa: E402
+
 from drpost import cli  # noqa: E402
+from drpost.demo import METHODS, DemoConfig, _verdict, check_config  # noqa: E402
 
 
 def _finite_numbers(obj, path="metrics"):
@@ -24,27 +28,52 @@ def _finite_numbers(obj, path="metrics"):
             yield from _finite_numbers(v, f"{path}[{i}]")
 
 
-def test_demo_two_steps_writes_finite_metrics(tmp_path, capsys):
+def test_default_methods_are_the_comparison():
+    assert METHODS == ("standard", "global", "layerwise", "random", "target_only")
+
+
+def test_demo_two_steps_writes_metrics_plot_and_table(tmp_path, capsys):
     rc = cli.main(
         [
             "demo", "--steps", "2", "--num-layers", "1", "--n-test", "4", "--n-general", "40",
-            "--eval-every", "1", "--methods", "standard,layerwise,target_only", "--out", str(tmp_path),
+            "--eval-every", "1", "--max-length", "64", "--max-new-tokens", "4",
+            "--methods", "standard,global,layerwise,random,target_only", "--out", str(tmp_path),
         ]
     )
     assert rc == 0
-    runs = list(tmp_path.glob("demo-*/metrics.json"))
+    runs = list(tmp_path.glob("demo-*"))
     assert len(runs) == 1
-    metrics = json.loads(runs[0].read_text())
+    run = runs[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 2
+    assert config["methods"] == ["standard", "global", "layerwise", "random", "target_only"]
 
     results = metrics["results"]
-    assert list(results) == ["standard", "layerwise", "target_only"]
+    assert list(results) == ["standard", "global", "layerwise", "random", "target_only"]
     for method, r in results.items():
         assert len(r["history"]) == 2
         assert [c["step"] for c in r["curve"]] == [0, 1, 2]
-        assert r["test_ppl_before"] > 0 and r["test_ppl_after"] > 0
+        assert r["test_ppl_before"] == metrics["base"]["test_ppl"]
+        assert r["test_ppl_best"] <= r["test_ppl_final"]
+        assert r["final_over_best"] >= 1.0
+        assert 0.0 <= r["rougeL"] <= 1.0
         assert r["seconds_per_step_median"] > 0
         assert r["history"][0]["general_loss"] is not None
-    assert results["layerwise"]["kept_share_by_kind"], "layerwise should report what it kept"
+        assert r["batch_headline_share"] is not None
+    assert 0.0 <= metrics["base"]["rougeL"] <= 1.0
+    # What the selection kept: a share of headline rows among the chosen (layer, row) pairs.
+    for method in ("global", "layerwise", "random"):
+        r = results[method]
+        assert 0.0 <= r["chosen_headline_share"] <= 1.0
+        for h in r["history"]:
+            assert h["chosen_picks"] == 4 * 7  # k = 4 of 8 rows, 7 Linear layers in one block
+    assert results["standard"]["chosen_headline_share"] == pytest.approx(results["standard"]["batch_headline_share"])
+    assert results["target_only"]["chosen_headline_share"] is None
+    heat = results["layerwise"]["layer_pick_rate"]
+    assert heat["blocks"] == ["0"] and len(heat["rate"]) == 1 and len(heat["rate"][0]) == len(heat["steps"])
+    ex = results["layerwise"]["example_mask"]
+    assert len(ex["mask"]) == 7 and all(len(row) == 8 and sum(row) == 4 for row in ex["mask"])
     assert metrics["model_layers"] == 1
     assert metrics["data"]["tokenized"]["test"] == 4
 
@@ -53,10 +82,45 @@ def test_demo_two_steps_writes_finite_metrics(tmp_path, capsys):
     bad = [(p, v) for p, v in numbers if not math.isfinite(v)]
     assert not bad, bad
 
+    for name in ("demo.png", "ppl.png", "selection.png", "heatmap.png"):
+        png = run / name
+        assert png.is_file() and png.stat().st_size > 1000, name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert metrics["plot"] == str(run / "demo.png")
+    headlines = json.loads((run / "headlines.json").read_text())
+    assert set(headlines) == {"reference", "base", *results} and all(len(v) == 4 for v in headlines.values())
+
     out = capsys.readouterr().out
-    assert "test ppl before" in out and "layerwise" in out
+    assert "ppl before" in out and "ROUGE-L" in out and "headline share" in out
+    for method in ("base model", *results):
+        assert f"\n{method} " in out
+    assert f"plot: {run / 'demo.png'}" in out
+    assert "Single seed" in out
+    assert (run / "summary.txt").read_text().startswith("method")
+
+
+def test_bad_methods_are_rejected():
+    with pytest.raises(ValueError, match="unknown method"):
+        check_config(DemoConfig(methods=("standard", "layerwize")))
+    with pytest.raises(ValueError, match="twice"):
+        check_config(DemoConfig(methods=("standard", "standard")))
 
 
 def test_cli_without_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+def test_demo_help_documents_the_budget(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "--methods" in out and "15 minutes" in out and "LoRA" in out
+
+
+def test_verdict_never_claims_a_win_from_noise_or_disagreeing_metrics():
+    assert "no win" in _verdict(-0.5, -0.02, 0.005)  # both gaps within the probe's seed spread
+    assert "opposite" in _verdict(-1.5, -0.06, -0.03)  # ppl better, ROUGE-L worse, both beyond
+    assert "better on both metrics" in _verdict(-1.5, -0.06, 0.03)
+    assert "one seed" in _verdict(-1.5, -0.06, 0.03)
+    assert "worse on perplexity" in _verdict(1.5, 0.06, None)

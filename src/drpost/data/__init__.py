@@ -4,7 +4,12 @@
 - :mod:`drpost.data.chatterbot`: English question/answer pairs from ``chatterbot-corpus``.
 - :mod:`drpost.data.chat`: "messages" validation, chat-template tokenisation with
   assistant-only labels, and right-padding collation.
-- :mod:`drpost.data.tasks`: the demo's target / test / general-pool splits.
+- :mod:`drpost.data.tasks`: the registry of instruction tasks built from those corpora
+  (``bbc_headline``, ``bbc_category``, ``bbc_continuation``, ``bbc_lead``, ``chatterbot_qa``),
+  each with its natural metrics, seeded train/test splits by source; and the demo's splits.
+- :mod:`drpost.data.sources`: local JSONL / JSON / Parquet files and ``save_to_disk``
+  directories (``messages`` or ``prompt``/``completion`` rows), with row-level error messages.
+- :mod:`drpost.data.splits`: a recipe's tokenised target / test / general ``datasets.Dataset``s.
 """
 
 from drpost.data.bbc import Article, load_bbc
@@ -17,7 +22,19 @@ from drpost.data.chat import (
     validate_messages,
 )
 from drpost.data.chatterbot import QAPair, load_chatterbot
-from drpost.data.tasks import DemoSplits, headline_splits
+from drpost.data.sources import BadRowError, load_source
+from drpost.data.splits import SFTData, build_sft_data
+from drpost.data.tasks import (
+    TASKS,
+    DemoSplits,
+    Task,
+    get_task,
+    headline_splits,
+    register_task,
+    task_examples,
+    task_names,
+    task_split,
+)
 
 __all__ = [
     "Article",
@@ -32,4 +49,15 @@ __all__ = [
     "collate",
     "DemoSplits",
     "headline_splits",
+    "Task",
+    "TASKS",
+    "register_task",
+    "get_task",
+    "task_names",
+    "task_examples",
+    "task_split",
+    "BadRowError",
+    "load_source",
+    "SFTData",
+    "build_sft_data",
 ]

@@ -18,6 +18,93 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_TRAIN_FLAGS = {"--resume": "resume", "--overwrite": "overwrite", "--no-progress": "no_progress"}
+_EVAL_FLAGS = {"--no-progress": "no_progress"}
+_EVAL_OPTIONS = ("--checkpoint", "--output")
+
+
+def _split_flags(rest: list[str], flags: dict, options: tuple = ()) -> tuple[dict, dict, list[str]]:
+    """Pull drpost's own flags (``--resume``) and options (``--checkpoint X``) out of the override list."""
+    found = {name: False for name in flags.values()}
+    values, overrides, i = {}, [], 0
+    while i < len(rest):
+        tok = rest[i]
+        key = tok.split("=", 1)[0]
+        if tok in flags:
+            found[flags[tok]] = True
+        elif key in options:
+            if "=" in tok:
+                values[key[2:]] = tok.split("=", 1)[1]
+            elif i + 1 < len(rest):
+                values[key[2:]] = rest[i + 1]
+                i += 1
+            else:
+                raise SystemExit(f"drpost: error: {key} needs a value")
+        else:
+            overrides.append(tok)
+        i += 1
+    return found, values, overrides
+
+
+def _setup_logging() -> None:
+    import logging
+
+    log = logging.getLogger("drpost")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from drpost.config import load_config
+    from drpost.recipes.sft import run_sft
+
+    flags, _, overrides = _split_flags(args.rest, _TRAIN_FLAGS)
+    _setup_logging()
+    cfg = load_config(args.config, overrides)
+    run_sft(cfg, resume=flags["resume"], overwrite=flags["overwrite"], progress=not flags["no_progress"])
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from drpost.recipes.sft import evaluate_run
+
+    flags, values, overrides = _split_flags(args.rest, _EVAL_FLAGS, _EVAL_OPTIONS)
+    _setup_logging()
+    res = evaluate_run(args.run_dir, checkpoint=values.get("checkpoint"), overrides=overrides,
+                       progress=not flags["no_progress"], output=values.get("output"))
+    shown = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    print("eval: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    print(f"checkpoint: {res['checkpoint']}\nwritten: {res['path']}")
+    return 0
+
+
+_TRAIN_EPILOG = """\
+overrides (any number, after CONFIG):
+  --section.key value | --section.key=value | --key value (a key found in one section only)
+  e.g. --train.steps 20 --drpost.feasible_set standard --frac 0.25 --data.target.sections tech
+  sections: model, data, drpost, train, eval; top level: output_dir, run_name
+flags:
+  --resume      continue the run directory's last checkpoint (needs train.save_steps > 0)
+  --overwrite   replace an existing run directory
+  --no-progress no progress bars
+CONFIG may also be a run directory (its config.yaml), e.g. to resume it.
+The run directory <output_dir>/<run_name> (run_name defaults to the config file's stem) gets
+config.yaml, metrics.json, train_log.jsonl, predictions.json, curves.png, tensorboard/,
+checkpoint-N/ and final/.
+"""
+
+_EVAL_EPILOG = """\
+drpost eval options (after RUN_DIR):
+  --checkpoint NAME|PATH  a checkpoint-N folder of the run (default: final/, else the last checkpoint)
+  --output PATH           where to write the results (default: RUN_DIR/eval.json)
+  --eval.KEY VALUE        change evaluation settings (eval.n_test, eval.metrics, eval.max_new_tokens, ...)
+  --no-progress           no progress bars
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from drpost.demo import add_demo_arguments
 
@@ -34,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser(
+        "train", help="train one recipe: drpost train CONFIG [--section.key value ...] [--resume]",
+        description="Supervised fine-tuning with Dr. Post-Training from a YAML recipe (configs/*.yaml).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_TRAIN_EPILOG, allow_abbrev=False,
+        usage="drpost train CONFIG [--section.key value ...] [--resume] [--overwrite] [--no-progress]")
+    train.add_argument("config", help="a YAML recipe, or a run directory (its config.yaml)")
+    train.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser(
+        "eval", help="re-evaluate a trained run: drpost eval RUN_DIR [--checkpoint NAME]",
+        description="Reload a run's final model (or a checkpoint), rebuild its test split from its config.yaml, "
+        "and write perplexity + generation metrics to RUN_DIR/eval.json.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EVAL_EPILOG, allow_abbrev=False,
+        usage="drpost eval RUN_DIR [--checkpoint NAME] [--output PATH] [--eval.key value ...] [--no-progress]")
+    ev.add_argument("run_dir", help="a run directory written by drpost train")
+    ev.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ev.set_defaults(func=_eval)
     return parser
 
 
@@ -43,7 +149,37 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command in ("train", "eval") and not os.environ.get("DRPOST_DEBUG"):
+        try:
+            return args.func(args)
+        except Exception as err:  # known user errors: one clear line instead of a traceback
+            if not _is_user_error(err):
+                raise
+            print(f"drpost {args.command}: error: {err}", file=sys.stderr)
+            return 2
     return args.func(args)
+
+
+def _is_user_error(err: Exception) -> bool:
+    from drpost.config import ConfigError
+    from drpost.data.sources import BadRowError
+    from drpost.models import ModelNotAvailableError
+    from drpost.recipes.sft import DiskFullError, RunDirError
+
+    if isinstance(err, (ConfigError, BadRowError, ModelNotAvailableError, RunDirError, DiskFullError,
+                        FileNotFoundError)):
+        return True
+    # ValueErrors raised by drpost's own checks (data splits, trainer arguments) name what to fix;
+    # one raised deeper (torch, transformers) keeps its traceback.
+    return isinstance(err, ValueError) and _origin_module(err).startswith("drpost")
+
+
+def _origin_module(err: Exception) -> str:
+    """Module of the frame that raised ``err``."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
 
 
 if __name__ == "__main__":

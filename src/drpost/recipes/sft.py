@@ -1,0 +1,562 @@
+"""Supervised fine-tuning with Dr. Post-Training, as one readable function: :func:`run_sft`.
+
+    from drpost.config import load_config
+    from drpost.recipes import run_sft
+
+    metrics = run_sft(load_config("configs/sft_bbc_headline.yaml", ["--train.steps", "20"]))
+
+The recipe, top to bottom: make the run directory and write the resolved ``config.yaml``; load the
+model (the embedded SmolLM2-135M-Instruct or a local directory; LoRA via peft, or full fine-tuning
+with a frozen embedding); build the target / test / general splits (:mod:`drpost.data.splits`);
+train with :class:`~drpost.integrations.DrPostTrainer` (every ``feasible_set``, ``standard``
+included, goes through the same trainer), evaluating the held-out perplexity every
+``train.eval_every`` steps; evaluate at the end (perplexity + the task's generation metrics on
+``eval.n_test`` test examples); write the outputs.
+
+Run directory ``<output_dir>/<run_name>/``:
+
+- ``config.yaml``: the resolved config;
+- ``metrics.json``: final metrics, the step-0 and best perplexity, the per-evaluation history,
+  the training-loss history, seconds per step, data statistics;
+- ``train_log.jsonl``: the Trainer's log history, one JSON object per line;
+- ``predictions.json``: the generated test answers with their references;
+- ``tensorboard/``: TensorBoard event files (loss, drpost selection statistics, eval perplexity);
+- ``curves.png``: training loss and test perplexity against the step;
+- ``checkpoint-N/`` every ``train.save_steps`` steps (``resume=True`` continues from the last one,
+  exactly: model, optimizer, scheduler, data order, target sampler, selection RNG);
+- ``final/``: the final weights (full fine-tuning) or LoRA adapter, with the tokenizer.
+
+:func:`run_sft` keeps no global state: call it many times in one process (each call loads its own
+model; the regularizer's hooks are removed at the end).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import gc
+import json
+import math
+import shutil
+import statistics
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from drpost.config import Config, config_to_dict, load_config, save_config
+from drpost.data.chat import collate
+from drpost.data.splits import SFTData, build_sft_data
+from drpost.evaluation import exact_match, generate, perplexity, rouge, token_f1
+from drpost.integrations import DrPostArguments, DrPostTrainer
+from drpost.models import load_model
+
+__all__ = ["run_sft", "evaluate_run", "evaluate_model", "load_trained", "RunDirError", "DiskFullError", "plot_curves"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Sections (and train keys) that must not change when a run is resumed: they decide the data, the
+# model's trainable parameters and the optimizer state a checkpoint holds.
+_RESUME_FIXED = ("model", "data", "drpost")
+_RESUME_FIXED_TRAIN = ("seed", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                       "freeze_embeddings")
+
+
+class RunDirError(RuntimeError):
+    """The run directory is in a state the request does not fit (exists, nothing to resume...)."""
+
+
+class DiskFullError(RuntimeError):
+    """Saving a checkpoint, the final model or the outputs ran out of disk space."""
+
+
+# ===================================================================================== recipe
+def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train and evaluate one run; returns the metrics written to ``metrics.json``.
+
+    Args:
+        cfg: a validated :class:`~drpost.config.Config` (see :func:`drpost.config.load_config`).
+        resume: continue from the last ``checkpoint-N`` of the run directory (the model, data and
+            drpost settings must be those of the interrupted run; ``train.steps`` may grow).
+        overwrite: delete an existing run directory first (otherwise an existing, non-empty run
+            directory is an error unless ``resume``).
+        progress: progress bars (training, evaluation, generation).
+    """
+    t_start = time.perf_counter()
+    _check_run_dir(cfg, resume, overwrite)  # fail fast, before any loading
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
+
+    # ---- model and data (before the run directory is touched: a bad path leaves nothing behind)
+    model, tokenizer = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=_DTYPES[cfg.model.dtype],
+                                  attn_implementation=cfg.model.attn_implementation)
+    data = build_sft_data(cfg, tokenizer)
+    model = _prepare_trainable(model, cfg)
+    run_dir = _make_run_dir(cfg, resume, overwrite)
+    save_config(cfg, run_dir / "config.yaml")
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    info = _task_eval_settings(cfg, data)
+    print(f"drpost train: {cfg.model.name} ({'LoRA r=%d' % cfg.train.lora_r if cfg.train.lora_r else 'full FT'}, "
+          f"{n_trainable / 1e6:.1f}M of {n_total / 1e6:.1f}M parameters trainable), target {data.stats['target_task']} "
+          f"({len(data.target)} rows, {len(data.test)} test), general pool {len(data.general)} "
+          f"{data.stats['general_kinds']}, feasible_set={cfg.drpost.feasible_set} frac={cfg.drpost.frac}, "
+          f"{cfg.train.steps} steps -> {run_dir}", flush=True)
+
+    # ---- trainer
+    test_eval = data.test if info["n_test"] >= len(data.test) else data.test.select(range(info["n_test"]))
+    trainer, timer = _build_trainer(cfg, model, tokenizer, data, test_eval, run_dir, resume, progress)
+    checkpoint = _last_checkpoint(run_dir) if resume else None
+    try:
+        with _clear_disk_errors(run_dir):
+            trainer.train(resume_from_checkpoint=checkpoint)
+        history = trainer.state.log_history
+        if not any(h.get("step") == trainer.state.global_step and "eval_ppl" in h for h in history):
+            trainer.evaluate()  # the final perplexity, at the final step
+        final = evaluate_model(trainer.model, tokenizer, data, cfg, n_test=info["n_test"], progress=progress,
+                               perplexity_too=False)
+        ppl_logs = [h for h in trainer.state.log_history if "eval_ppl" in h]
+        final.update(test_loss=ppl_logs[-1]["eval_loss"], test_ppl=ppl_logs[-1]["eval_ppl"],
+                     test_tokens=ppl_logs[-1].get("eval_tokens"), step=trainer.state.global_step)
+        if cfg.train.save_final:
+            with _clear_disk_errors(run_dir):
+                trainer.save_model(str(run_dir / "final"))
+        log_history = list(trainer.state.log_history)
+    finally:
+        if trainer.regularizer is not None:
+            trainer.regularizer.detach()
+
+    metrics = _metrics(cfg, data, final, log_history, timer, run_dir, n_trainable, n_total, resume, checkpoint)
+    metrics["seconds_total"] = time.perf_counter() - t_start
+    _write_outputs(run_dir, metrics, log_history, final)
+    print(_summary_line(metrics), flush=True)
+    del trainer, model
+    gc.collect()
+    return metrics
+
+
+# ===================================================================================== pieces
+def _check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+    run_dir = cfg.run_dir
+    if resume and overwrite:
+        raise RunDirError("resume and overwrite exclude each other")
+    if resume:
+        if _last_checkpoint(run_dir) is None:
+            raise RunDirError(f"nothing to resume in {run_dir}: it has no checkpoint-N folder (set train.save_steps "
+                              "> 0 to write checkpoints)")
+        saved = run_dir / "config.yaml"
+        if saved.is_file():
+            _check_resume_compatible(load_config(saved), cfg, run_dir)
+    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+        raise RunDirError(f"run directory {run_dir} already exists and is not empty: pass --resume to continue it, "
+                          "--overwrite to replace it, or choose another --run_name / --output_dir")
+
+
+def _make_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    run_dir = cfg.run_dir
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _check_resume_compatible(saved: Config, cfg: Config, run_dir: Path) -> None:
+    a, b = config_to_dict(saved), config_to_dict(cfg)
+    diffs = []
+    for section in _RESUME_FIXED:
+        diffs += [f"{section}.{k}" for k in b[section] if a[section].get(k) != b[section][k]]
+    diffs += [f"train.{k}" for k in _RESUME_FIXED_TRAIN if a["train"].get(k) != b["train"][k]]
+    if diffs:
+        raise RunDirError(f"cannot resume {run_dir} with different settings: {', '.join(diffs)} changed since the "
+                          "run started (only train.steps, evaluation and saving settings may change on resume)")
+
+
+def _last_checkpoint(run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+
+
+def _prepare_trainable(model, cfg: Config):
+    """Freeze the embedding and/or wrap the model with LoRA adapters."""
+    t = cfg.train
+    if t.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)  # a tied lm_head shares this weight
+    if t.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
+                          target_modules=list(t.lora_targets), task_type="CAUSAL_LM")
+        try:
+            with _quiet_peft():
+                model = get_peft_model(model, lora)
+        except ValueError as err:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ValueError(f"train.lora_targets {t.lora_targets} do not match the model's Linear layers "
+                             f"({', '.join(names)}): {err}") from None
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameter (check train.freeze_embeddings / train.lora_targets)")
+    return model
+
+
+@contextmanager
+def _quiet_peft():
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning per call)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _task_eval_settings(cfg: Config, data: SFTData) -> dict:
+    e, task = cfg.eval, data.task
+    return {
+        "metrics": list(task.metrics if e.metrics is None else e.metrics),
+        "max_new_tokens": e.max_new_tokens or task.max_new_tokens,
+        "first_line": task.first_line if e.first_line is None else e.first_line,
+        "n_test": len(data.test) if e.n_test is None else min(e.n_test, len(data.test)),
+    }
+
+
+def _autocast_dtype(cfg: Config):
+    return torch.bfloat16 if cfg.train.bf16 else None
+
+
+class _StepTimer(TrainerCallback):
+    """Wall time of every optimisation step (forward, backward, optimizer; not evaluation/saving)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._t0 = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.seconds.append(time.perf_counter() - self._t0)
+            self._t0 = None
+
+
+class _SFTTrainer(DrPostTrainer):
+    """``DrPostTrainer`` whose ``evaluate`` is the token-mean perplexity of the held-out target test
+    split (:func:`drpost.evaluation.perplexity`: the sum of cross-entropies over all supervised tokens
+    divided by their number, not a mean of batch means). Logged as ``eval_loss`` / ``eval_ppl``."""
+
+    def __init__(self, *args, eval_batch_size: int = 16, autocast_dtype=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._eval_bs, self._eval_autocast = eval_batch_size, autocast_dtype
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        data = self.eval_dataset if eval_dataset is None else eval_dataset
+        t0 = time.time()
+        res = perplexity(self.model, list(data), batch_size=self._eval_bs, autocast_dtype=self._eval_autocast,
+                         pad_id=getattr(self.processing_class, "pad_token_id", None))
+        metrics = {f"{metric_key_prefix}_loss": res["loss"], f"{metric_key_prefix}_ppl": res["ppl"],
+                   f"{metric_key_prefix}_tokens": res["tokens"], f"{metric_key_prefix}_runtime": time.time() - t0}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+
+def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_dir: Path, resume: bool,
+                   progress: bool):
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    t, r = cfg.train, cfg.drpost
+    eval_steps = t.eval_every if t.eval_every else None
+    args = DrPostArguments(
+        output_dir=str(run_dir),
+        max_steps=t.steps,
+        learning_rate=t.lr,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_strategy="steps",
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        eval_on_start=bool(cfg.eval.at_start and not resume),
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        report_to=[],
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+        feasible_set=r.feasible_set,
+        frac=r.frac,
+        scoring=r.scoring,
+        target_strategy=r.target_strategy,
+        score_norm=r.score_norm,
+        scope=r.scope,
+        sketch=r.sketch,
+        refresh_every=r.refresh_every,
+        target_batch_size=r.target_batch_size,
+        n_target=cfg.data.n_target,
+        nonfinite=r.nonfinite,
+        greedy_lr=r.greedy_lr,
+    )
+    timer = _StepTimer()
+    tb = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard")))
+    trainer = _SFTTrainer(
+        model=model, args=args, train_dataset=data.general, eval_dataset=test_eval, target_dataset=data.target,
+        data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id), processing_class=tokenizer,
+        callbacks=[tb, timer], eval_batch_size=cfg.eval.batch_size, autocast_dtype=_autocast_dtype(cfg))
+    return trainer, timer
+
+
+class _clear_disk_errors:
+    """Turn "no space left on device" (an OSError, or torch's writer RuntimeError) into a clear message."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None:
+            return False
+        text = str(err)
+        full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(
+            s in text for s in ("No space left", "file write failed", "unexpected pos"))
+        if not full:
+            return False
+        try:
+            free = f"{shutil.disk_usage(self.run_dir).free / 2 ** 30:.2f} GiB free now"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(
+            f"ran out of disk space while saving under {self.run_dir} ({free}): free some space, keep fewer "
+            "checkpoints (train.save_total_limit), save less often (train.save_steps) or not at all "
+            "(train.save_steps 0, train.save_final false), or train LoRA adapters (train.lora_r) whose checkpoints "
+            "are small. A complete earlier checkpoint can be continued with --resume.") from err
+
+
+# ===================================================================================== evaluation
+def _generation_scores(names, predictions, references) -> dict:
+    groups = {{"rouge1": "rouge", "rouge2": "rouge", "rougeL": "rouge", "rouge": "rouge", "em": "exact_match",
+               "exact_match": "exact_match", "f1": "token_f1", "token_f1": "token_f1"}.get(n) for n in names}
+    out = {}
+    if "rouge" in groups:
+        out.update(rouge(predictions, references))
+    if "exact_match" in groups:
+        out["exact_match"] = exact_match(predictions, references)
+    if "token_f1" in groups:
+        out["token_f1"] = token_f1(predictions, references)
+    return out
+
+
+def evaluate_model(model, tokenizer, data: SFTData, cfg: Config, n_test: int | None = None, progress: bool = True,
+                   perplexity_too: bool = True) -> dict:
+    """Test perplexity (token mean) and the task's generation metrics on the first ``n_test`` test
+    examples; the returned dict holds ``predictions`` and ``references`` too."""
+    info = _task_eval_settings(cfg, data)
+    n = info["n_test"] if n_test is None else min(n_test, len(data.test))
+    out: dict[str, Any] = {"n_test": n}
+    dtype = _autocast_dtype(cfg)
+    if perplexity_too:
+        res = perplexity(model, list(data.test.select(range(n))), batch_size=cfg.eval.batch_size,
+                         autocast_dtype=dtype, pad_id=tokenizer.pad_token_id)
+        out.update(test_loss=res["loss"], test_ppl=res["ppl"], test_tokens=res["tokens"])
+    gen_names = [m for m in info["metrics"] if m not in ("ppl", "perplexity", "loss")]
+    if gen_names:
+        examples = data.test_examples[:n]
+        device = next(model.parameters()).device.type
+        ctx = torch.autocast(device, dtype=dtype) if dtype is not None else nullcontext()
+        t0 = time.perf_counter()
+        with ctx:
+            preds = generate(model, tokenizer, examples, max_new_tokens=info["max_new_tokens"],
+                             batch_size=cfg.eval.batch_size, progress=progress, first_line=info["first_line"],
+                             system_prompt=cfg.data.system_prompt)
+        refs = [ex["references"] for ex in examples]
+        out.update(_generation_scores(gen_names, preds, refs))
+        out["generation_seconds"] = time.perf_counter() - t0
+        out["predictions"], out["references"] = preds, refs
+    return out
+
+
+def _find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_absolute() and not path.exists():
+            path = run_dir / checkpoint
+        if not path.is_dir():
+            raise RunDirError(f"checkpoint {checkpoint!r} not found (neither a directory nor a folder of {run_dir})")
+        return path
+    if (run_dir / "final").is_dir():
+        return run_dir / "final"
+    last = _last_checkpoint(run_dir)
+    if last is None:
+        raise RunDirError(f"{run_dir} has neither a final/ model nor a checkpoint-N folder to evaluate")
+    return Path(last)
+
+
+def load_trained(run_dir: str | Path, checkpoint: str | None = None):
+    """``(model, tokenizer, cfg, path)`` of a trained run: the final model/adapter or a checkpoint."""
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    path = _find_checkpoint(run_dir, checkpoint)
+    dtype = _DTYPES[cfg.model.dtype]
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, tokenizer = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=dtype,
+                                     attn_implementation=cfg.model.attn_implementation)
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(base, str(path))
+    else:
+        model, tokenizer = load_model(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    model.eval()
+    return model, tokenizer, cfg, path
+
+
+def evaluate_run(run_dir: str | Path, checkpoint: str | None = None, overrides: list | None = None,
+                 progress: bool = True, output: str | Path | None = None) -> dict:
+    """Re-evaluate a trained run (``drpost eval``): reload its model (``final/`` by default, or a
+    ``checkpoint``), rebuild its test split from its ``config.yaml``, compute perplexity and the
+    generation metrics, and write ``eval.json`` (or ``output``). ``overrides`` may change ``eval.*``
+    keys only."""
+    run_dir = Path(run_dir).expanduser()
+    model, tokenizer, cfg, path = load_trained(run_dir, checkpoint)
+    if overrides:
+        from drpost.config import apply_overrides, config_from_dict, parse_overrides, resolve_key
+
+        pairs = parse_overrides(overrides) if all(isinstance(o, str) for o in overrides) else list(overrides)
+        for key, _ in pairs:
+            if not resolve_key(key).startswith("eval."):
+                raise ValueError(f"drpost eval only accepts eval.* overrides, got {key!r}")
+        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), pairs))
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data = build_sft_data(cfg, tokenizer)
+    t0 = time.perf_counter()
+    result = evaluate_model(model, tokenizer, data, cfg, progress=progress)
+    result.update(checkpoint=str(path), run_dir=str(run_dir), seconds=time.perf_counter() - t0,
+                  task=data.stats["target_task"])
+    out = Path(output) if output else run_dir / "eval.json"
+    out.write_text(json.dumps(_jsonable(result), indent=1))
+    result["path"] = str(out)
+    return result
+
+
+# ===================================================================================== outputs
+def _metrics(cfg: Config, data: SFTData, final: dict, log_history: list, timer: _StepTimer, run_dir: Path,
+             n_trainable: int, n_total: int, resume: bool, checkpoint: str | None) -> dict:
+    evals = [{"step": h["step"], "loss": h["eval_loss"], "ppl": h["eval_ppl"]} for h in log_history if "eval_ppl" in h]
+    keys = ("loss", "general_loss", "target_loss", "selected_mean", "selected_min", "selected_max", "selected_tokens",
+            "skipped_steps", "grad_norm", "learning_rate")
+    train = [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in log_history if "loss" in h]
+    best = min(evals, key=lambda e: e["ppl"]) if evals else None
+    start = next((e for e in evals if e["step"] == 0), None)
+    secs = timer.seconds
+    return {
+        "run_dir": str(run_dir),
+        "task": {"target": data.stats["target_task"], **_task_eval_settings(cfg, data)},
+        "final": {k: v for k, v in final.items() if k not in ("predictions", "references")},
+        "start": start,
+        "best": best,
+        "final_over_best": final["test_ppl"] / best["ppl"] if best else None,
+        "steps": final["step"],
+        "seconds_per_step": statistics.median(secs) if secs else None,
+        "seconds_per_step_mean": sum(secs) / len(secs) if secs else None,
+        "timed_steps": len(secs),
+        "resumed_from": checkpoint if resume else None,
+        "trainable_params": n_trainable,
+        "total_params": n_total,
+        "history": {"eval": evals, "train": train},
+        "data": data.stats,
+        "config": config_to_dict(cfg),
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _write_outputs(run_dir: Path, metrics: dict, log_history: list, final: dict) -> None:
+    with _clear_disk_errors(run_dir):
+        (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+        with open(run_dir / "train_log.jsonl", "w") as f:
+            for h in log_history:
+                f.write(json.dumps(_jsonable(h)) + "\n")
+        if "predictions" in final:
+            (run_dir / "predictions.json").write_text(json.dumps(
+                [{"prediction": p, "references": r} for p, r in zip(final["predictions"], final["references"])],
+                indent=1))
+        plot_curves(metrics, run_dir / "curves.png")
+
+
+def plot_curves(metrics: dict, path: str | Path) -> Path:
+    """Training loss and test perplexity against the step (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    train, evals = metrics["history"]["train"], metrics["history"]["eval"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("loss", "general loss"), ("target_loss", "target loss")):
+        pts = [(h["step"], h[key]) for h in train if h.get(key) is not None and math.isfinite(h[key])]
+        if pts:
+            ax1.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("token-mean cross-entropy")
+    ax1.set_title("training loss")
+    ax1.grid(alpha=0.3)
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend()
+    pts = [(e["step"], e["ppl"]) for e in evals if e["ppl"] is not None and math.isfinite(e["ppl"])]
+    if pts:
+        ax2.plot(*zip(*pts), marker="o")
+        if max(p for _, p in pts) / max(min(p for _, p in pts), 1e-9) > 20:
+            ax2.set_yscale("log")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("perplexity")
+    ax2.set_title(f"test perplexity: {metrics['task']['target']}", fontsize=10)
+    ax2.grid(alpha=0.3)
+    cfg = metrics.get("config", {})
+    fig.suptitle(f"{cfg.get('run_name')}: {cfg.get('drpost', {}).get('feasible_set')} "
+                 f"frac={cfg.get('drpost', {}).get('frac')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _summary_line(m: dict) -> str:
+    f = m["final"]
+    gen = ", ".join(f"{k} {f[k]:.3f}" for k in ("rougeL", "exact_match", "token_f1") if k in f)
+    start = f" (step 0: {m['start']['ppl']:.2f})" if m.get("start") else ""
+    sps = f", {m['seconds_per_step']:.2f} s/step" if m.get("seconds_per_step") else ""
+    return (f"done: step {f['step']}, test perplexity {f['test_ppl']:.2f}{start}"
+            + (f", {gen}" if gen else "") + f" on {f['n_test']} test examples{sps}\nrun directory: {m['run_dir']}")

@@ -15,7 +15,6 @@ The model is never wrapped: forward hooks are registered on its modules and remo
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -564,15 +563,18 @@ class DataRegularizer:
         sums, tokens = self._forward_losses(merged, "merged")
         try:
             self._set_step_tokens(sums, tokens, b)
-            loss = sums.sum()
-            if not self._check_loss(loss, "general+target"):
-                return
-            old = self._stash_plain()
-            loss.backward()
-            self._collect_plain(old)
-            self._finish_global()
+            self._backward_pass(sums.sum(), "general+target")
         finally:
             self._mode = None
+
+    def _backward_pass(self, loss: torch.Tensor, what: str) -> None:
+        """The one backward of a selecting step: hooks score and choose; plain params collected."""
+        if not self._check_loss(loss, what):
+            return
+        old = self._stash_plain()
+        loss.backward()
+        self._collect_plain(old)
+        self._finish_global()
 
     def _set_step_tokens(self, sums, tokens, b):
         self._tokens_general = tokens[:b]
@@ -634,13 +636,7 @@ class DataRegularizer:
         try:
             self._set_step_tokens(sums, tokens, b)
             self._stats.add("target", self._target_loss * self._tokens_target_total, self._tokens_target_total)
-            loss = sums.sum()
-            if not self._check_loss(loss, "general"):
-                return
-            old = self._stash_plain()
-            loss.backward()
-            self._collect_plain(old)
-            self._finish_global()
+            self._backward_pass(sums.sum(), "general")
         finally:
             self._mode = None
 

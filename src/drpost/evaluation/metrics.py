@@ -12,7 +12,7 @@ import string
 from collections import Counter
 from typing import Sequence, Union
 
-__all__ = ["normalize_answer", "rouge", "exact_match", "token_f1", "ROUGE_KEYS"]
+__all__ = ["normalize_answer", "rouge", "exact_match", "token_f1", "generation_scores", "ROUGE_KEYS"]
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 Reference = Union[str, Sequence[str]]
@@ -92,3 +92,20 @@ def token_f1(predictions: Sequence[str], references: Sequence[Reference]) -> flo
     """Mean SQuAD token-overlap F1 (bag of normalised words; best reference per example)."""
     predictions, refs = _check(predictions, references)
     return sum(max(_f1(p, r) for r in ref) for p, ref in zip(predictions, refs)) / len(predictions)
+
+
+_GROUP = {"rouge": "rouge", "rouge1": "rouge", "rouge2": "rouge", "rougeL": "rouge",
+          "exact_match": "exact_match", "em": "exact_match", "token_f1": "token_f1", "f1": "token_f1"}
+
+
+def generation_scores(names, predictions: Sequence[str], references: Sequence[Reference]) -> dict[str, float]:
+    """The generation metrics named in ``names`` (aliases: rouge*/em/f1; other names ignored)."""
+    groups = {_GROUP.get(n) for n in names}
+    out: dict[str, float] = {}
+    if "rouge" in groups:
+        out.update(rouge(predictions, references))
+    if "exact_match" in groups:
+        out["exact_match"] = exact_match(predictions, references)
+    if "token_f1" in groups:
+        out["token_f1"] = token_f1(predictions, references)
+    return out

@@ -8,7 +8,7 @@ import torch
 
 from drpost.data.chat import tokenize_examples, validate_messages
 from drpost.evaluation.generation import generate
-from drpost.evaluation.metrics import ROUGE_KEYS, exact_match, rouge, token_f1
+from drpost.evaluation.metrics import generation_scores
 from drpost.evaluation.perplexity import perplexity
 
 __all__ = ["evaluate_task", "METRICS"]
@@ -91,12 +91,7 @@ def evaluate_task(
             model, tokenizer, msgs, max_new_tokens=max_new_tokens, batch_size=batch_size,
             progress=progress, first_line=first_line, system_prompt=system_prompt,
         )
-        if "rouge" in groups:
-            out.update(rouge(predictions, references))
-        if "exact_match" in groups:
-            out["exact_match"] = exact_match(predictions, references)
-        if "token_f1" in groups:
-            out["token_f1"] = token_f1(predictions, references)
+        out.update(generation_scores(metrics, predictions, references))
         if return_predictions:
             out["predictions"], out["references"] = predictions, references
     return out

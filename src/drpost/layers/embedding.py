@@ -19,7 +19,7 @@ class EmbeddingRule(LayerRule):
     def __init__(self, module: torch.nn.Embedding):
         super().__init__(module)
         if getattr(module, "max_norm", None) is not None:
-            raise ValueError(f"nn.Embedding with max_norm (renormalises weights in forward) is not supported; "
+            raise ValueError("nn.Embedding with max_norm (renormalises weights in forward) is not supported; "
                              f"freeze it or remove max_norm")
         if getattr(module, "sparse", False):
             raise ValueError("sparse nn.Embedding gradients are not supported; use sparse=False")

@@ -51,7 +51,8 @@ from transformers import TrainerCallback
 from drpost.config import Config, config_to_dict, load_config, save_config
 from drpost.data.chat import collate
 from drpost.data.splits import SFTData, build_sft_data
-from drpost.evaluation import exact_match, generate, perplexity, rouge, token_f1
+from drpost.evaluation import generate, perplexity
+from drpost.evaluation.metrics import generation_scores
 from drpost.integrations import DrPostArguments, DrPostTrainer
 from drpost.models import load_model
 
@@ -350,17 +351,6 @@ class _clear_disk_errors:
 
 
 # ===================================================================================== evaluation
-def _generation_scores(names, predictions, references) -> dict:
-    groups = {{"rouge1": "rouge", "rouge2": "rouge", "rougeL": "rouge", "rouge": "rouge", "em": "exact_match",
-               "exact_match": "exact_match", "f1": "token_f1", "token_f1": "token_f1"}.get(n) for n in names}
-    out = {}
-    if "rouge" in groups:
-        out.update(rouge(predictions, references))
-    if "exact_match" in groups:
-        out["exact_match"] = exact_match(predictions, references)
-    if "token_f1" in groups:
-        out["token_f1"] = token_f1(predictions, references)
-    return out
 
 
 def evaluate_model(model, tokenizer, data: SFTData, cfg: Config, n_test: int | None = None, progress: bool = True,
@@ -386,7 +376,7 @@ def evaluate_model(model, tokenizer, data: SFTData, cfg: Config, n_test: int | N
                              batch_size=cfg.eval.batch_size, progress=progress, first_line=info["first_line"],
                              system_prompt=cfg.data.system_prompt)
         refs = [ex["references"] for ex in examples]
-        out.update(_generation_scores(gen_names, preds, refs))
+        out.update(generation_scores(gen_names, preds, refs))
         out["generation_seconds"] = time.perf_counter() - t0
         out["predictions"], out["references"] = preds, refs
     return out

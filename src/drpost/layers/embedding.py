@@ -20,7 +20,7 @@ class EmbeddingRule(LayerRule):
         super().__init__(module)
         if getattr(module, "max_norm", None) is not None:
             raise ValueError("nn.Embedding with max_norm (renormalises weights in forward) is not supported; "
-                             f"freeze it or remove max_norm")
+                             "freeze it or remove max_norm")
         if getattr(module, "sparse", False):
             raise ValueError("sparse nn.Embedding gradients are not supported; use sparse=False")
         self.weight = module.weight

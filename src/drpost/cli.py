@@ -55,6 +55,7 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+        log.propagate = False  # a root handler (set up by a library) would print every line twice
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -65,6 +66,19 @@ def _train(args: argparse.Namespace) -> int:
     _setup_logging()
     cfg = load_config(args.config, overrides)
     run_sft(cfg, resume=flags["resume"], overwrite=flags["overwrite"], progress=not flags["no_progress"])
+    return 0
+
+
+def _spectrum(args: argparse.Namespace) -> int:
+    from drpost.config import load_config
+    from drpost.recipes.spectrum import run_spectrum
+
+    flags, _, overrides = _split_flags(args.rest, _TRAIN_FLAGS)
+    _setup_logging()
+    cfg = load_config(args.config, overrides)
+    if not any(o.lstrip("-").split("=")[0] == "run_name" for o in overrides) and cfg.run_name:
+        cfg.run_name = f"spectrum-{cfg.run_name}"  # never the run directory of `drpost train CONFIG`
+    run_spectrum(cfg, resume=flags["resume"], overwrite=flags["overwrite"], progress=not flags["no_progress"])
     return 0
 
 
@@ -85,7 +99,7 @@ _TRAIN_EPILOG = """\
 overrides (any number, after CONFIG):
   --section.key value | --section.key=value | --key value (a key found in one section only)
   e.g. --train.steps 20 --drpost.feasible_set standard --frac 0.25 --data.target.sections tech
-  sections: model, data, drpost, train, eval; top level: output_dir, run_name
+  sections: model, data, drpost, train, eval, spectrum; top level: output_dir, run_name
 flags:
   --resume      continue the run directory's last checkpoint (needs train.save_steps > 0)
   --overwrite   replace an existing run directory
@@ -94,6 +108,21 @@ CONFIG may also be a run directory (its config.yaml), e.g. to resume it.
 The run directory <output_dir>/<run_name> (run_name defaults to the config file's stem) gets
 config.yaml, metrics.json, train_log.jsonl, predictions.json, curves.png, tensorboard/,
 checkpoint-N/ and final/.
+"""
+
+_SPECTRUM_EPILOG = """\
+Trains the recipe once per point of the grid spectrum.methods x spectrum.fracs x spectrum.seeds
+(standard and target_only once per seed: they have no frac), with everything else shared, then
+writes a results table (mean +- standard error over seeds, paired differences to standard) and
+plots to <output_dir>/spectrum-<run_name>/: summary.md, summary.csv, runs.csv, spectrum.json,
+spectrum.png (metric and perplexity vs kept share), curves.png (per-step curves), runs/<point>/.
+overrides (after CONFIG), as for drpost train, e.g.
+  --spectrum.methods standard,layerwise,random --spectrum.seeds 0,1,2 --spectrum.fracs 0.25,0.5
+  --train.steps 30 --eval.n_test 50
+flags:
+  --resume      keep the finished runs of an interrupted spectrum and do the rest
+  --overwrite   replace an existing spectrum directory
+  --no-progress no progress bars
 """
 
 _EVAL_EPILOG = """\
@@ -131,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     train.set_defaults(func=_train)
 
+    spec = sub.add_parser(
+        "spectrum", help="compare feasible sets over seeds and fracs: drpost spectrum CONFIG [--spectrum.seeds 0,1,2]",
+        description="Run a recipe for every feasible set x frac x seed and tabulate/plot the results.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_SPECTRUM_EPILOG, allow_abbrev=False,
+        usage="drpost spectrum CONFIG [--section.key value ...] [--resume] [--overwrite] [--no-progress]")
+    spec.add_argument("config", help="a YAML recipe (configs/*.yaml)")
+    spec.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    spec.set_defaults(func=_spectrum)
+
     ev = sub.add_parser(
         "eval", help="re-evaluate a trained run: drpost eval RUN_DIR [--checkpoint NAME]",
         description="Reload a run's final model (or a checkpoint), rebuild its test split from its config.yaml, "
@@ -149,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.command in ("train", "eval") and not os.environ.get("DRPOST_DEBUG"):
+    if args.command in ("train", "eval", "spectrum") and not os.environ.get("DRPOST_DEBUG"):
         try:
             return args.func(args)
         except Exception as err:  # known user errors: one clear line instead of a traceback

@@ -136,6 +136,18 @@ class EvalConfig:
     at_start: bool = True  # evaluate the model before training (step 0)
 
 
+SPECTRUM_METHODS = ("standard", "global", "layerwise", "rowwise", "random", "target_only")
+
+
+@dataclass
+class SpectrumConfig:
+    """``drpost spectrum``: the grid of runs (every other section is shared by all of them)."""
+    methods: list = field(default_factory=lambda: list(SPECTRUM_METHODS))  # drpost.feasible_set values
+    seeds: list = field(default_factory=lambda: [0, 1, 2])  # train.seed (and the data seed, unless data.seed)
+    fracs: list = field(default_factory=lambda: [0.5])  # drpost.frac of the selecting methods
+    save_models: bool = False  # keep each run's final weights (full fine-tuning: ~0.5 GB a run)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -143,6 +155,7 @@ class Config:
     drpost: DrPostConfig = field(default_factory=DrPostConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
     output_dir: str = "runs"
     run_name: Optional[str] = None  # None: the config file's stem (or "sft")
 
@@ -156,7 +169,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "drpost": DrPostConfig, "train": TrainConfig,
-            "eval": EvalConfig}
+            "eval": EvalConfig, "spectrum": SpectrumConfig}
 TOP_LEVEL = ("output_dir", "run_name")
 # Names users bring from Hugging Face TrainingArguments: only used to suggest the right key.
 _ALIASES = {
@@ -549,6 +562,18 @@ def validate(cfg: Config) -> None:
     _check(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1 or null",
            e.max_new_tokens)
     _check(e.batch_size >= 1, "eval.batch_size", "must be >= 1", e.batch_size)
+
+    sp = cfg.spectrum
+    _check(len(sp.methods) >= 1, "spectrum.methods", "must list at least one method", sp.methods)
+    for name in sp.methods:
+        _choice("spectrum.methods", name, fs.FEASIBLE_SETS)
+    _check(len(set(sp.methods)) == len(sp.methods), "spectrum.methods", "must not repeat a method", sp.methods)
+    sp.seeds = [_coerce(v, int, "spectrum.seeds") for v in sp.seeds]
+    _check(len(sp.seeds) >= 1 and all(v >= 0 for v in sp.seeds) and len(set(sp.seeds)) == len(sp.seeds),
+           "spectrum.seeds", "must be distinct integers >= 0", sp.seeds)
+    sp.fracs = [_coerce(v, float, "spectrum.fracs") for v in sp.fracs]
+    _check(len(sp.fracs) >= 1 and all(0.0 < v <= 1.0 for v in sp.fracs) and len(set(sp.fracs)) == len(sp.fracs),
+           "spectrum.fracs", "must be distinct numbers in (0, 1]", sp.fracs)
 
     _check(bool(cfg.output_dir), "output_dir", "must be a directory path", cfg.output_dir)
     if cfg.run_name is not None:

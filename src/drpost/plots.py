@@ -22,7 +22,7 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["plot_demo", "METHOD_COLORS"]
+__all__ = ["plot_demo", "plot_spectrum", "plot_spectrum_curves", "METHOD_COLORS"]
 
 METHOD_COLORS = {
     "standard": "#1f77b4",
@@ -234,3 +234,100 @@ def plot_demo(metrics: dict, run_dir: str | Path) -> Path:
         f.savefig(run_dir / name, dpi=110)
         plt.close(f)
     return path
+
+
+# ------------------------------------------------------------------------------ drpost spectrum
+def _label(method: str, frac) -> str:
+    return method if frac is None else f"{method} {frac:g}"
+
+
+def plot_spectrum(summary: list[dict], metric_names: list[str], path: str | Path, title: str = "") -> Path:
+    """``drpost spectrum``: the target test metric(s) and test perplexity (mean ± standard error over
+    seeds) against the share of the general batch a step keeps: target-only at 0 (no general data),
+    the selecting methods at their ``frac``, standard at 1 (the whole batch)."""
+    plt = _pyplot()
+    panels = list(metric_names[:2]) + ["test_ppl"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    for ax, key in zip(axes[0], panels):
+        for i, method in enumerate(methods):
+            pts = sorted((s["kept"], s.get(key), s.get(key + "_se")) for s in summary
+                         if s["method"] == method and s.get(key) is not None)
+            if not pts:
+                continue
+            xs, ys, es = zip(*pts)
+            ax.errorbar(xs, ys, yerr=[_nan(e) if e is not None else 0.0 for e in es], marker="o", capsize=3,
+                        color=_color(method, i), label=method, linestyle="-" if len(pts) > 1 else "none")
+        ax.set_xlabel("kept share of the general batch (0 = target only, 1 = standard)")
+        ax.set_ylabel("test perplexity" if key == "test_ppl" else f"test {key}")
+        ax.set_xlim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        if key == "test_ppl":
+            ys = [s["test_ppl"] for s in summary if s.get("test_ppl") is not None]
+            if ys and max(ys) / max(min(ys), 1e-9) > 4:
+                ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title + " (mean ± SE over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _mean_curve(curves: list[list[tuple]]) -> tuple[list, list, list]:
+    """Mean and standard error per step of several (step, value) curves (steps present in all)."""
+    steps = sorted(set.intersection(*[{s for s, _ in c} for c in curves])) if curves else []
+    means, ses = [], []
+    for step in steps:
+        vals = [v for c in curves for s, v in c if s == step]
+        m = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+        means.append(m)
+        ses.append(sd / math.sqrt(len(vals)))
+    return steps, means, ses
+
+
+def plot_spectrum_curves(runs: list[dict], path: str | Path, title: str = "") -> Path:
+    """``drpost spectrum``: test perplexity and training loss against the step, one line per
+    (method, frac), mean over seeds with a ± standard error band. The training loss is the general
+    batch's (the target batch's for target-only, whose general loss is not trained on)."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["frac"]), []).append(r)
+    for i, ((method, frac), rs) in enumerate(groups.items()):
+        color = _color(method, i)
+        style = "--" if frac is not None and frac != max(f for m, f in groups if m == method) else "-"
+        for ax, curves in (
+            (ax1, [[(e["step"], e["ppl"]) for e in r["history"]["eval"] if e.get("ppl") is not None] for r in rs]),
+            (ax2, [[(h["step"], h["target_loss" if method == "target_only" else "loss"]) for h in r["history"]["train"]
+                    if h.get("target_loss" if method == "target_only" else "loss") is not None] for r in rs]),
+        ):
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            steps, means, ses = _mean_curve(curves)
+            ax.plot(steps, means, style, color=color, label=_label(method, frac))
+            ax.fill_between(steps, [m - s for m, s in zip(means, ses)], [m + s for m, s in zip(means, ses)],
+                            color=color, alpha=0.15, linewidth=0)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("test perplexity")
+    ax1.set_title("held-out target perplexity", fontsize=10)
+    ppl = [e["ppl"] for r in runs for e in r["history"]["eval"] if e.get("ppl")]
+    if ppl and max(ppl) / max(min(ppl), 1e-9) > 20:
+        ax1.set_yscale("log")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("token-mean cross-entropy")
+    ax2.set_title("training loss (general batch; target batch for target_only)", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        _integer_x(ax)
+    ax1.legend(fontsize=8)
+    if title:
+        fig.suptitle(title + " (mean ± SE over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -33,7 +33,6 @@ model; the regularizer's hooks are removed at the end).
 from __future__ import annotations
 
 import errno
-import functools
 import gc
 import json
 import math
@@ -253,6 +252,19 @@ class _SFTTrainer(DrPostTrainer):
         super().__init__(*args, **kwargs)
         self._eval_bs, self._eval_autocast = eval_batch_size, autocast_dtype
 
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The drpost step, plus what the selection did with the *target-like* general rows (rows of
+        the target task's kind, e.g. headlines of other BBC sections): their share of the batch and
+        their share of the (layer, row) pairs the feasible set kept, logged as ``target_like_batch``
+        and ``target_like_chosen``."""
+        flags = inputs.pop("target_like", None)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if flags is not None and flags.numel():
+            for name, value in _target_like_shares(self.args.feasible_set, flags, self.regularizer).items():
+                total, n = self._metrics.get(name, (0.0, 0))
+                self._metrics[name] = (total + value, n + 1)
+        return loss
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         data = self.eval_dataset if eval_dataset is None else eval_dataset
         t0 = time.time()
@@ -317,9 +329,39 @@ def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_
     tb = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard")))
     trainer = _SFTTrainer(
         model=model, args=args, train_dataset=data.general, eval_dataset=test_eval, target_dataset=data.target,
-        data_collator=functools.partial(collate, pad_id=tokenizer.pad_token_id), processing_class=tokenizer,
+        data_collator=_collator(tokenizer, data.target[0]["kind"] if len(data.target) else None),
+        processing_class=tokenizer,
         callbacks=[tb, timer], eval_batch_size=cfg.eval.batch_size, autocast_dtype=_autocast_dtype(cfg))
     return trainer, timer
+
+
+def _target_like_shares(feasible_set: str, flags: torch.Tensor, reg) -> dict:
+    """Share of target-like rows in the general micro-batch and among the (layer, row) pairs kept."""
+    flags = flags.detach().to("cpu", torch.bool)
+    out = {"target_like_batch": float(flags.float().mean())}
+    if feasible_set == "standard":
+        out["target_like_chosen"] = out["target_like_batch"]  # every row is used
+    elif feasible_set != "target_only" and reg is not None:
+        picks = like = 0.0
+        for mask in reg.last_masks.values():
+            if mask.dim() < 1 or mask.shape[0] != flags.numel():
+                continue
+            flat = mask.detach().to("cpu").reshape(mask.shape[0], -1).float()  # [B, 1 or output rows]
+            picks += float(flat.sum())
+            like += float(flat[flags].sum())
+        if picks:
+            out["target_like_chosen"] = like / picks
+    return out
+
+
+def _collator(tokenizer, target_kind: str | None):
+    """Pad a batch; mark the rows of the target task's kind (popped again before the model sees it)."""
+    def fn(rows):
+        batch = collate(rows, pad_id=tokenizer.pad_token_id)
+        if target_kind is not None and all("kind" in r for r in rows):
+            batch["target_like"] = torch.tensor([r["kind"] == target_kind for r in rows])
+        return batch
+    return fn
 
 
 class _clear_disk_errors:
@@ -453,11 +495,16 @@ def _metrics(cfg: Config, data: SFTData, final: dict, log_history: list, timer: 
              n_trainable: int, n_total: int, resume: bool, checkpoint: str | None) -> dict:
     evals = [{"step": h["step"], "loss": h["eval_loss"], "ppl": h["eval_ppl"]} for h in log_history if "eval_ppl" in h]
     keys = ("loss", "general_loss", "target_loss", "selected_mean", "selected_min", "selected_max", "selected_tokens",
-            "skipped_steps", "grad_norm", "learning_rate")
+            "skipped_steps", "grad_norm", "learning_rate", "target_like_batch", "target_like_chosen")
     train = [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in log_history if "loss" in h]
     best = min(evals, key=lambda e: e["ppl"]) if evals else None
     start = next((e for e in evals if e["step"] == 0), None)
     secs = timer.seconds
+
+    def run_mean(key):
+        vals = [h[key] for h in train if h.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
     return {
         "run_dir": str(run_dir),
         "task": {"target": data.stats["target_task"], **_task_eval_settings(cfg, data)},
@@ -470,6 +517,9 @@ def _metrics(cfg: Config, data: SFTData, final: dict, log_history: list, timer: 
         "seconds_per_step_mean": sum(secs) / len(secs) if secs else None,
         "timed_steps": len(secs),
         "resumed_from": checkpoint if resume else None,
+        # mean over the logged steps: share of target-like rows in the general batches, and among the
+        # (layer, row) pairs the feasible set kept (above the first = the selection prefers them)
+        "target_like": {"batch": run_mean("target_like_batch"), "chosen": run_mean("target_like_chosen")},
         "trainable_params": n_trainable,
         "total_params": n_total,
         "history": {"eval": evals, "train": train},

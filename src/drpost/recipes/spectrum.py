@@ -1,0 +1,301 @@
+"""The bias-variance spectrum of feasible sets, measured: :func:`run_spectrum` (``drpost spectrum``).
+
+One recipe (a :class:`~drpost.config.Config`) is trained once per point of the grid
+``spectrum.methods x spectrum.fracs x spectrum.seeds`` with :func:`drpost.recipes.sft.run_sft`;
+everything else (data, model, steps, learning rate, evaluation) is shared, so the runs differ only
+in the feasible set, its ``frac`` and the seed. ``standard`` (the whole general batch) and
+``target_only`` (no general data) have no ``frac``: they run once per seed and sit at the two ends
+of the spectrum (kept share 1 and 0) in the plots.
+
+The seed sets ``train.seed`` and, unless ``data.seed`` is fixed, the data seed too: each seed is
+a different draw of the target examples, the test split and the general pool, shared by every
+method of that seed. Differences between methods are therefore also reported *paired by seed*
+(method minus standard on the same seed), which removes the draw-to-draw spread they share.
+
+Spectrum directory ``<output_dir>/<run_name>/``:
+
+- ``config.yaml``: the resolved recipe (with its ``spectrum`` section);
+- ``runs/<method>[-frac<f>]-seed<s>/``: one ``drpost train`` run directory each;
+- ``runs.csv``: one row per run; ``summary.csv`` / ``summary.md``: per (method, frac) the mean and
+  standard error over seeds of the test metric(s), test perplexity, best-vs-final perplexity,
+  paired differences to standard, the target-like share kept, seconds per step relative to
+  standard; ``spectrum.json``: all of it plus the per-step histories;
+- ``spectrum.png``: test metric and perplexity against the kept share of the general batch;
+  ``curves.png``: test perplexity and training loss against the step (mean over seeds).
+
+``resume=True`` keeps the finished runs (those with a ``metrics.json`` whose config is the one
+this grid asks for) and redoes the others, so an interrupted spectrum loses at most one run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from drpost.config import Config, config_from_dict, config_to_dict, load_config, save_config
+from drpost.recipes.sft import RunDirError, _jsonable, run_sft
+
+__all__ = ["run_spectrum", "grid", "summarise", "format_summary", "UNCONSTRAINED"]
+
+# Feasible sets without a frac: they run once per seed, at the ends of the spectrum.
+UNCONSTRAINED = {"standard": 1.0, "target_only": 0.0}
+_GEN_METRICS = ("rougeL", "rouge1", "rouge2", "token_f1", "exact_match")
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    method: str
+    frac: float | None  # None: standard / target_only
+    seed: int
+
+    @property
+    def name(self) -> str:
+        frac = "" if self.frac is None else f"-frac{self.frac:g}"
+        return f"{self.method}{frac}-seed{self.seed}"
+
+    @property
+    def kept(self) -> float:
+        """Share of the general batch a step keeps (per layer): the x axis of the spectrum."""
+        return UNCONSTRAINED[self.method] if self.frac is None else self.frac
+
+
+def grid(cfg: Config) -> list[GridPoint]:
+    """The runs of a spectrum, method-major (all seeds of a method together)."""
+    sp = cfg.spectrum
+    points = []
+    for method in sp.methods:
+        fracs = [None] if method in UNCONSTRAINED else sp.fracs
+        points += [GridPoint(method, f, s) for f in fracs for s in sp.seeds]
+    return points
+
+
+def point_config(cfg: Config, point: GridPoint) -> Config:
+    """The ``drpost train`` config of one grid point."""
+    raw = config_to_dict(cfg)
+    raw["drpost"].update(feasible_set=point.method, frac=1.0 if point.frac is None else point.frac)
+    raw["train"]["seed"] = point.seed
+    if not cfg.spectrum.save_models:
+        raw["train"].update(save_final=False, save_steps=0)
+    raw["output_dir"] = str(cfg.run_dir / "runs")
+    raw["run_name"] = point.name
+    return config_from_dict(raw, f"spectrum point {point.name}")
+
+
+# ===================================================================================== running
+def run_spectrum(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train every grid point and write the tables and plots; returns the ``spectrum.json`` dict."""
+    from tqdm.auto import tqdm
+
+    out = cfg.run_dir
+    if resume and overwrite:
+        raise RunDirError("resume and overwrite exclude each other")
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise RunDirError(f"spectrum directory {out} already exists and is not empty: pass --resume to keep its "
+                          "finished runs and do the rest, --overwrite to start again, or choose another --run_name")
+    if resume and (out / "config.yaml").is_file():
+        _check_same_recipe(load_config(out / "config.yaml"), cfg, out)
+    points = grid(cfg)
+    configs = [point_config(cfg, p) for p in points]  # validates every point before any training
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    print(f"drpost spectrum: {len(points)} runs ({', '.join(cfg.spectrum.methods)}; frac "
+          f"{', '.join(f'{f:g}' for f in cfg.spectrum.fracs)}; seeds {', '.join(map(str, cfg.spectrum.seeds))}) "
+          f"-> {out}", flush=True)
+
+    t0 = time.perf_counter()
+    runs: list[dict] = []
+    bar = tqdm(list(zip(points, configs)), desc="spectrum", unit="run", disable=not progress, dynamic_ncols=True)
+    for point, pcfg in bar:
+        bar.set_postfix_str(point.name)
+        metrics = _finished(pcfg) if resume else None
+        if metrics is None:
+            metrics = run_sft(pcfg, overwrite=True, progress=progress)
+        else:
+            print(f"spectrum: keeping the finished run {pcfg.run_dir}", flush=True)
+        runs.append(run_row(point, metrics))
+        _write(out, cfg, runs, final=False)  # partial tables survive an interruption
+    bar.close()
+    result = _write(out, cfg, runs, final=True)
+    result["seconds_total"] = time.perf_counter() - t0
+    (out / "spectrum.json").write_text(json.dumps(_jsonable(result), indent=1))
+    print("\n" + result["table"] + "\n", flush=True)
+    print(f"spectrum directory: {out} (summary.md, summary.csv, runs.csv, spectrum.png, curves.png)", flush=True)
+    return result
+
+
+def _check_same_recipe(saved: Config, cfg: Config, out: Path) -> None:
+    a, b = config_to_dict(saved), config_to_dict(cfg)
+    diffs = [f"{s}.{k}" for s in b if isinstance(b[s], dict) and s != "spectrum"
+             for k in b[s] if a.get(s, {}).get(k) != b[s][k]]
+    if diffs:
+        raise RunDirError(f"cannot resume the spectrum in {out} with a different recipe: {', '.join(diffs)} changed "
+                          "(only the spectrum grid may change; use --overwrite or another --run_name)")
+
+
+def _finished(pcfg: Config) -> dict | None:
+    """The metrics of a finished run of exactly this config, else None."""
+    run_dir = pcfg.run_dir
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        saved = load_config(run_dir / "config.yaml")
+    except (OSError, ValueError):
+        return None
+    if _without_grid(saved) != _without_grid(pcfg) or metrics.get("steps") != pcfg.train.steps:
+        return None
+    return metrics
+
+
+def _without_grid(cfg: Config) -> dict:
+    return {k: v for k, v in config_to_dict(cfg).items() if k != "spectrum"}
+
+
+# ===================================================================================== tables
+def run_row(point: GridPoint, m: dict) -> dict:
+    """One run, flat (a ``runs.csv`` row) plus its histories."""
+    final = m["final"]
+    row = {"method": point.method, "frac": point.frac, "kept": point.kept, "seed": point.seed,
+           "run_dir": m["run_dir"], "steps": m["steps"], "test_ppl": final["test_ppl"],
+           "start_ppl": (m.get("start") or {}).get("ppl"), "best_ppl": (m.get("best") or {}).get("ppl"),
+           "best_step": (m.get("best") or {}).get("step"), "final_over_best": m.get("final_over_best"),
+           "seconds_per_step": m.get("seconds_per_step"),
+           "target_like_batch": (m.get("target_like") or {}).get("batch"),
+           "target_like_chosen": (m.get("target_like") or {}).get("chosen"),
+           "skipped_steps": sum(h.get("skipped_steps", 0) or 0 for h in m["history"]["train"])}
+    for name in _GEN_METRICS:
+        if name in final:
+            row[name] = final[name]
+    row["metrics"] = [n for n in (m.get("task") or {}).get("metrics", []) if n in final]  # the task's own
+    row["history"] = m["history"]
+    return row
+
+
+def _mean_se(values: list) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    se = statistics.stdev(vals) / math.sqrt(len(vals)) if len(vals) > 1 else None
+    return mean, se
+
+
+def metric_names(runs: list[dict]) -> list[str]:
+    """The generation metrics the runs' task reports (e.g. ``rougeL``; ``runs.csv`` has them all)."""
+    chosen = {n for r in runs for n in r.get("metrics", [])}
+    return [n for n in _GEN_METRICS if n in chosen and all(n in r for r in runs)]
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Per (method, frac): mean and standard error over seeds, and paired differences to standard.
+
+    ``d_<x>`` is the mean over seeds of ``x(method, seed) - x(standard, seed)`` (seeds without a
+    standard run are left out), ``time_ratio`` the mean of ``seconds_per_step(method, seed) /
+    seconds_per_step(standard, seed)``."""
+    standard = {r["seed"]: r for r in runs if r["method"] == "standard"}
+    keys = ["test_ppl", "best_ppl", "final_over_best", "target_like_batch", "target_like_chosen",
+            "seconds_per_step"] + metric_names(runs)
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["frac"]), []).append(r)
+    out = []
+    for (method, frac), rs in groups.items():
+        s = {"method": method, "frac": frac, "kept": rs[0]["kept"], "n": len(rs),
+             "seeds": [r["seed"] for r in rs]}
+        for k in keys:
+            s[k], s[k + "_se"] = _mean_se([r.get(k) for r in rs])
+        paired = [(r, standard[r["seed"]]) for r in rs if r["seed"] in standard]
+        for k in ["test_ppl"] + metric_names(runs):
+            s["d_" + k], s["d_" + k + "_se"] = _mean_se(
+                [r[k] - st[k] for r, st in paired if r.get(k) is not None and st.get(k) is not None])
+        s["time_ratio"], s["time_ratio_se"] = _mean_se(
+            [r["seconds_per_step"] / st["seconds_per_step"] for r, st in paired
+             if r.get("seconds_per_step") and st.get("seconds_per_step")])
+        out.append(s)
+    return out
+
+
+def _pm(mean, se, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    text = format(mean, fmt)
+    return text + (f" ± {format(se, fmt)}" if se is not None else "")
+
+
+def _signed(mean, se, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    return format(mean, "+" + fmt) + (f" ± {format(se, fmt)}" if se is not None else "")
+
+
+def format_summary(summary: list[dict], metrics: list[str]) -> str:
+    """The Markdown table of :func:`summarise` (mean ± standard error over seeds)."""
+    head = ["method", "frac", "seeds"]
+    for name in metrics:
+        head += [name, f"Δ{name} vs standard"]
+    head += ["test ppl", "Δppl vs standard", "final / best ppl", "target-like: batch → kept", "s/step ÷ standard"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["method"], "-" if s["frac"] is None else f"{s['frac']:g}", str(s["n"])]
+        for name in metrics:
+            cells += [_pm(s.get(name), s.get(name + "_se"), ".3f"),
+                      "" if s["method"] == "standard" else _signed(s.get("d_" + name), s.get("d_" + name + "_se"), ".3f")]
+        cells += [_pm(s["test_ppl"], s["test_ppl_se"], ".2f"),
+                  "" if s["method"] == "standard" else _signed(s["d_test_ppl"], s["d_test_ppl_se"], ".2f"),
+                  _pm(s["final_over_best"], s["final_over_best_se"], ".3f")]
+        if s["target_like_batch"] is None or s["method"] == "target_only":  # trains on no general row
+            cells.append("-")
+        else:
+            kept = "-" if s["target_like_chosen"] is None else f"{s['target_like_chosen']:.1%}"
+            cells.append(f"{s['target_like_batch']:.1%} → {kept}")
+        cells.append(_pm(s["time_ratio"], s["time_ratio_se"], ".2f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write(out: Path, cfg: Config, runs: list[dict], final: bool) -> dict:
+    flat = [{k: v for k, v in r.items() if k not in ("history", "metrics")} for r in runs]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    with open(out / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(flat)
+    summary = summarise(runs)
+    names = metric_names(runs)
+    with open(out / "summary.csv", "w", newline="") as f:
+        cols = list(dict.fromkeys(k for s in summary for k in s if k != "seeds"))
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(summary)
+    table = format_summary(summary, names)
+    (out / "summary.md").write_text(_summary_markdown(cfg, runs, table))
+    result = {"spectrum_dir": str(out), "table": table, "summary": summary, "runs": runs, "metrics": names,
+              "complete": final, "config": config_to_dict(cfg)}
+    if final:
+        from drpost.plots import plot_spectrum, plot_spectrum_curves
+
+        plot_spectrum(summary, names, out / "spectrum.png", title=_title(cfg, runs))
+        plot_spectrum_curves(runs, out / "curves.png", title=_title(cfg, runs))
+    return result
+
+
+def _title(cfg: Config, runs: list[dict]) -> str:
+    task = cfg.data.target.get("task") if isinstance(cfg.data.target, dict) else cfg.data.target
+    return f"{cfg.run_name}: target {task}, {cfg.train.steps} steps, {len({r['seed'] for r in runs})} seed(s)"
+
+
+def _summary_markdown(cfg: Config, runs: list[dict], table: str) -> str:
+    t, d = cfg.train, cfg.data
+    return (f"# Spectrum {cfg.run_name}\n\n"
+            f"Model {cfg.model.name}{'' if cfg.model.num_layers is None else f' ({cfg.model.num_layers} layers)'}, "
+            f"{'LoRA r=%d' % t.lora_r if t.lora_r else 'full fine-tuning'}, {t.steps} steps, lr {t.lr:g}, "
+            f"general batch {t.batch_size} x {t.grad_accum}, {cfg.drpost.target_batch_size} target rows per step, "
+            f"n_target {d.n_target}, scoring {cfg.drpost.scoring}, score_norm {cfg.drpost.score_norm}. "
+            f"{len(runs)} runs; mean ± standard error over seeds; Δ = paired difference to standard on the same "
+            "seed.\n\n" + table + "\n")

@@ -16,6 +16,7 @@ The model is never wrapped: forward hooks are registered on its modules and remo
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -176,6 +177,7 @@ class DataRegularizer:
         self.last_global_mask = None
         self._target_loss = None
         self.layer_backends: dict = {}
+        self.profiler = None             # a drpost.profiling.PhaseTimer: per-phase wall time (drpost bench)
         self._warned: set = set()
         self._attach()
 
@@ -249,6 +251,14 @@ class DataRegularizer:
         if msg not in self._warned:
             self._warned.add(msg)
             warnings.warn(msg, stacklevel=3)
+
+    def attach(self) -> None:
+        """Put the hooks back after :meth:`detach` (a no-op while attached). The groups are rebuilt
+        from the model's current trainable parameters; the selection RNG is kept."""
+        if self._handles or not self._uses_hooks():
+            return
+        self._groups, self._row_rules = [], []
+        self._attach()
 
     def detach(self) -> None:
         """Remove every hook: the model is exactly as before attach."""
@@ -342,16 +352,20 @@ class DataRegularizer:
 
     def _backward_use(self, use: _Use, a, d, need_input_grad: bool):
         if use.group is None:   # row-restricted (norm) layer in a merged batch
-            grad_x, grads = use.rule.backward(a, d, use.state, self._n_general)
-            with torch.no_grad():
-                for p, g in grads.items():
-                    add_into(self._plain_acc, p, g)
+            with self._phase("norm_rules"):
+                grad_x, grads = use.rule.backward(a, d, use.state, self._n_general)
+                with torch.no_grad():
+                    for p, g in grads.items():
+                        add_into(self._plain_acc, p, g)
             return grad_x if need_input_grad else None
         grad_a = use.rule.input_grad(a, d) if need_input_grad else None
         with torch.no_grad():
             f = use.rule.factors(a, d)
             self._on_factors(use.group, use.rule, f)
         return grad_a
+
+    def _phase(self, name: str):
+        return nullcontext() if self.profiler is None else self.profiler.phase(name)
 
     # ------------------------------------------------------------------ per-layer work
     def _on_factors(self, group: LayerGroup, rule, f: Factors) -> None:
@@ -375,31 +389,35 @@ class DataRegularizer:
     def _capture_group(self, group: LayerGroup) -> None:
         parts = group.take_pending()
         backend = group.backend(self._scoring_cfg, parts[0][0], *self._shape(parts[0][2].a.shape[1]))
-        group.capture(self._scoring_cfg, parts, backend, self.feasible_set == "rowwise")
+        with self._phase("target_capture"):
+            group.capture(self._scoring_cfg, parts, backend, self.feasible_set == "rowwise")
 
     def _process_group(self, group: LayerGroup) -> None:
         """All backward calls of a group are in: score, then choose (or wait for the global choice)."""
         cfg, parts = self._scoring_cfg, group.take_pending()
         rows = self.feasible_set == "rowwise"
         shape = self._shape(parts[0][1].a.shape[1])
-        if self._mode == "merged":
-            backend = group.backend(cfg, parts[0][0], *shape)
-            target = group.target_repr(cfg, parts, backend, rows)
-        else:
-            backend, target = group.cached_target(cfg, parts[0][0], *shape)
-        self.layer_backends[group.name] = backend
-        raw, per_sample = group.scores(cfg, parts, target, backend, rows)
-        scores = raw / self._tokens_target_total
-        self.last_scores[group.name] = scores
-        flag = ~torch.isfinite(scores).all()
-        group.bad = flag if group.bad is None else (group.bad | flag)
-        normed = group.normalise(cfg, parts, scores, target, backend, rows, self._tokens_general,
-                                 self._tokens_target_total)
-        gram = group.gram(cfg, parts, backend) if self.feasible_set == "greedy" else None
+        with self._phase("scoring"):
+            if self._mode == "merged":
+                backend = group.backend(cfg, parts[0][0], *shape)
+                target = group.target_repr(cfg, parts, backend, rows)
+            else:
+                backend, target = group.cached_target(cfg, parts[0][0], *shape)
+            self.layer_backends[group.name] = backend
+            raw, per_sample = group.scores(cfg, parts, target, backend, rows)
+            scores = raw / self._tokens_target_total
+            self.last_scores[group.name] = scores
+            flag = ~torch.isfinite(scores).all()
+            group.bad = flag if group.bad is None else (group.bad | flag)
+            normed = group.normalise(cfg, parts, scores, target, backend, rows, self._tokens_general,
+                                     self._tokens_target_total)
+            gram = group.gram(cfg, parts, backend) if self.feasible_set == "greedy" else None
         if self.scope == "global":
             self._retained.append((group, parts, normed, gram, per_sample))
             return
-        self._assemble(group, parts, self._select(normed, gram, self._tokens_general), per_sample)
+        with self._phase("selection"):
+            mask = self._select(normed, gram, self._tokens_general)
+        self._assemble(group, parts, mask, per_sample)
 
     def _select(self, scores, gram, tokens):
         fset, b = self.feasible_set, scores.shape[0]
@@ -415,6 +433,11 @@ class DataRegularizer:
         raise AssertionError(fset)
 
     def _assemble(self, group, parts, mask, per_sample=None):
+        with self._phase("weight_grad"):
+            self._assemble_chosen(group, parts, mask, per_sample)
+
+    def _assemble_chosen(self, group, parts, mask, per_sample=None):
+        """The chosen samples' gradient of one group (summed into its accumulator)."""
         self.last_masks[group.name] = mask
         tokens = self._tokens_general
         k = self._fixed_k(mask)
@@ -455,7 +478,8 @@ class DataRegularizer:
         total = sum(r[2] for r in retained)
         gram = sum(r[3] for r in retained) if self.feasible_set == "greedy" else None
         self.last_global_scores = total
-        mask = self._select(total, gram, self._tokens_general)
+        with self._phase("selection"):
+            mask = self._select(total, gram, self._tokens_general)
         for group, parts, _, _, per_sample in retained:
             self._assemble(group, parts, mask, per_sample)
         self.last_global_mask = mask
@@ -496,7 +520,8 @@ class DataRegularizer:
             self._stats = None
             raise
         if finalize:
-            self._finalize()
+            with self._phase("assembly"):
+                self._finalize()
             self._stats = None
         return stats
 
@@ -505,7 +530,8 @@ class DataRegularizer:
         self._rows = batch["input_ids"].shape[0]
         for g in self._groups:
             g.calls, g.pending = 0, []
-        sums, tokens = row_losses(self.model, batch, self.loss_fn)
+        with self._phase("forward"):
+            sums, tokens = row_losses(self.model, batch, self.loss_fn)
         return sums, tokens
 
     def _check_loss(self, loss: torch.Tensor, what: str) -> bool:
@@ -537,7 +563,8 @@ class DataRegularizer:
         """standard (general rows) or target_only (target rows): ordinary autograd, token sums."""
         train, other = (general, target) if self.feasible_set == "standard" else (target, general)
         self._mode = None
-        sums, tokens = row_losses(self.model, train, self.loss_fn)
+        with self._phase("forward"):
+            sums, tokens = row_losses(self.model, train, self.loss_fn)
         require_supervised(tokens, "general" if train is general else "target")
         loss = sums.sum()
         stats = self._stats
@@ -552,7 +579,8 @@ class DataRegularizer:
         if not self._check_loss(loss, "training"):
             return
         old = self._stash_plain()
-        loss.backward()
+        with self._phase("backward"):
+            loss.backward()
         self._collect_plain(old)
         self._accumulate_tokens("_plain_tokens", t_total)
 
@@ -572,7 +600,8 @@ class DataRegularizer:
         if not self._check_loss(loss, what):
             return
         old = self._stash_plain()
-        loss.backward()
+        with self._phase("backward"):
+            loss.backward()
         self._collect_plain(old)
         self._finish_global()
 

@@ -19,9 +19,12 @@ TokenLossFn = Callable[[torch.Tensor, dict], "tuple[torch.Tensor, torch.Tensor]"
 
 
 def causal_lm_token_losses(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy with the causal shift, computed in float32 (or float64)."""
-    labels = batch["labels"][:, 1:]
-    logits = logits[:, :-1]
+    """Per-token cross-entropy with the causal shift, computed in float32 (or float64).
+
+    Position ``j`` is scored against ``labels[:, j + 1]``; the last position has no next token and
+    is masked. The labels are shifted (padded with -100) rather than the logits sliced, so the
+    [N, L, vocab] logits are neither copied in forward nor zero-padded in backward."""
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), labels.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)

@@ -690,14 +690,12 @@ class DataRegularizer:
         for group in self._groups:
             if group.count is None:
                 continue
-            for p, acc in group.acc.items():
-                g = acc / group.rows_broadcast(p, group.count.clamp_min(1).to(acc.dtype))
-                p.grad = g if p.grad is None else p.grad + g
+            for p, acc in group.acc.items():  # the accumulators are drpost's own: divide in place
+                _add_grad(p, acc.div_(group.rows_broadcast(p, group.count.clamp_min(1).to(acc.dtype))))
         if self._plain_acc:
             denom = self._plain_tokens.clamp_min(1)
             for p, acc in self._plain_acc.items():
-                g = acc / denom.to(acc.dtype)
-                p.grad = g if p.grad is None else p.grad + g
+                _add_grad(p, acc.div_(denom.to(acc.dtype)))
         if self.target_strategy == "separate" and self._steps_since_capture is not None:
             self._steps_since_capture += 1
         self._reset_step()
@@ -706,6 +704,14 @@ class DataRegularizer:
         for g in self._groups:
             g.reset()
         self._plain_acc, self._plain_tokens, self._skip, self._retained = {}, None, False, []
+
+
+def _add_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:
+    """``p.grad += g`` as autograd would: take ``g`` itself when ``p`` has no gradient yet."""
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad = p.grad + g
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:

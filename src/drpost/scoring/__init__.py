@@ -33,7 +33,7 @@ def choose_backend(requested: str, rule, b: int, v: int, s: int, k: int, *, mult
     ``auto`` minimises the modelled cost among the exact back-ends that fit ``max_bytes``: FLOPs
     plus ``BYTE_COST`` per byte of extra temporaries (materialised per-sample gradients are
     memory-bound: on a 2-core CPU ``direct`` measured 1.8x a plain step where FLOPs alone
-    predicted it cheapest; see benchmarks/overhead.py)."""
+    predicted it cheapest; see ``drpost bench``)."""
     if multi_use or rule.supports == ("reduced_ghost",):
         return "reduced_ghost"
     if requested != "auto":

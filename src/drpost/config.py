@@ -109,6 +109,9 @@ class TrainConfig:
     grad_accum: int = 1
     bf16: bool = True  # bf16 autocast (fp32 master weights)
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | meso (AdamW with moments in a per-layer sketch space, drpost.optim.MeSO)
+    meso_rank: int = 64  # meso: sketch width k of each side of a compressed weight (state k x k per matrix)
+    meso_refresh: int = 200  # meso: re-draw the sketches (moment transport) every N steps (0: never)
     warmup_steps: int = 0
     lr_scheduler: str = "constant"  # any transformers SchedulerType
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -540,6 +543,9 @@ def validate(cfg: Config) -> None:
     _check(t.grad_accum >= 1, "train.grad_accum", "must be >= 1", t.grad_accum)
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
     _check(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", t.warmup_steps)
+    _choice("train.optimizer", t.optimizer, ("adamw", "meso"))
+    _check(t.meso_rank >= 1, "train.meso_rank", "must be >= 1", t.meso_rank)
+    _check(t.meso_refresh >= 0, "train.meso_refresh", "must be >= 0 (0: never)", t.meso_refresh)
     _choice("train.lr_scheduler", t.lr_scheduler, [s.value for s in SchedulerType])
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0: no clipping)", t.max_grad_norm)
     _check(t.lora_r >= 0, "train.lora_r", "must be >= 0 (0: full fine-tuning)", t.lora_r)

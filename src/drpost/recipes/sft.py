@@ -325,14 +325,26 @@ def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_
         nonfinite=r.nonfinite,
         greedy_lr=r.greedy_lr,
     )
+    optimizers = (_meso(cfg, model), None) if t.optimizer == "meso" else (None, None)
     timer = _StepTimer()
     tb = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard")))
     trainer = _SFTTrainer(
         model=model, args=args, train_dataset=data.general, eval_dataset=test_eval, target_dataset=data.target,
         data_collator=_collator(tokenizer, data.target[0]["kind"] if len(data.target) else None),
         processing_class=tokenizer,
-        callbacks=[tb, timer], eval_batch_size=cfg.eval.batch_size, autocast_dtype=_autocast_dtype(cfg))
+        callbacks=[tb, timer], eval_batch_size=cfg.eval.batch_size, autocast_dtype=_autocast_dtype(cfg),
+        optimizers=optimizers)
     return trainer, timer
+
+
+def _meso(cfg: Config, model):
+    """MeSO over the trainable parameters: every 2-D weight wider than the sketch is compressed."""
+    from drpost.optim import MeSO
+
+    t = cfg.train
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return MeSO(named, lr=t.lr, weight_decay=t.weight_decay, k1=t.meso_rank, refresh_every=t.meso_refresh,
+                seed=t.seed)
 
 
 def _target_like_shares(feasible_set: str, flags: torch.Tensor, reg) -> dict:

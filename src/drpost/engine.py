@@ -12,6 +12,10 @@ One training step, top to bottom (``DataRegularizer.backward``):
      (METHOD §1.6) and adds the result to ``p.grad``. Micro-batches accumulate until finalize.
 The model is never wrapped: forward hooks are registered on its modules and removed by
 ``detach()``.
+
+Under ``torchrun`` (torch.distributed initialised, more than one process) the selection is global
+over the ranks' general batches and every rank ends with the same ``.grad``: see
+``drpost.distributed``. Without it no collective runs and nothing changes.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed as _dist
 from . import feasible as fs
 from .batch import check_batch, merge_batches, require_supervised, row_losses
 from .group import LayerGroup, ScoringConfig, add_into
@@ -40,7 +45,9 @@ class NonFiniteError(FloatingPointError):
 @dataclass
 class StepStats:
     """What one ``backward`` call (one micro-batch) saw. Tensors stay on the device until
-    ``to_dict``; ``skipped`` is set on the call that finalizes a dropped step."""
+    ``to_dict``; ``skipped`` is set on the call that finalizes a dropped step. Distributed,
+    ``selected`` counts the samples chosen over all ranks; the losses, token counts and
+    ``selected_tokens`` are this rank's."""
     general_loss: torch.Tensor | None = None
     target_loss: torch.Tensor | None = None
     general_tokens: torch.Tensor | None = None
@@ -125,15 +132,28 @@ class DataRegularizer:
             whole step (all ``.grad`` set to None, so ``optimizer.step()`` does nothing).
         loss_fn: optional per-token loss ``loss_fn(logits, batch) -> (losses [N, L], mask [N, L])``.
         direct_max_mb: memory bound of the materialised per-sample gradients of ``direct``.
+        process_group: the torch.distributed group of the data-parallel ranks (default: the world).
+        distributed: None (default) runs distributed when torch.distributed is initialised and the
+            group has more than one process; False forces single-process behaviour; True requires
+            an initialised group. Distributed, every rank passes its own general rows (the same
+            number B on every rank) and its slice of the target rows (or None); the selection and
+            the update are those of one process on the concatenated batches (drpost.distributed).
+            The model must not be wrapped in DistributedDataParallel: drpost reduces the gradients.
     """
 
     def __init__(self, model: torch.nn.Module, feasible_set: str = "layerwise", frac: float = 0.5,
                  scoring: str = "auto", *, target_strategy: str = "merged", score_norm: str = "none",
                  scope: str = "layer", sketch: str = "gaussian-64x64", seed: int = 0,
                  greedy_lr: float = 1e-4, refresh_every: int = 1, nonfinite: str = "error",
-                 loss_fn=None, direct_max_mb: float = 256.0, pad_token_id: int | None = None):
+                 loss_fn=None, direct_max_mb: float = 256.0, pad_token_id: int | None = None,
+                 process_group=None, distributed: bool | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if _dist.is_ddp(model):
+            raise ValueError("drpost got a DistributedDataParallel-wrapped model: pass the unwrapped module "
+                             "(ddp_model.module). drpost all-reduces the chosen gradients itself after its "
+                             "backward, which DDP's reducer never sees (the scored layers' gradients are "
+                             "written by drpost, not by autograd)")
         if feasible_set not in fs.FEASIBLE_SETS:
             raise ValueError(f"unknown feasible_set {feasible_set!r}; choose one of {', '.join(fs.FEASIBLE_SETS)}")
         fs.check_frac(frac)
@@ -179,7 +199,16 @@ class DataRegularizer:
         self.layer_backends: dict = {}
         self.profiler = None             # a drpost.profiling.PhaseTimer: per-phase wall time (drpost bench)
         self._warned: set = set()
+        self._bad_loss = None            # distributed: what non-finite loss this rank saw (decided at finalize)
+        self._tags_ok = None             # distributed: did every score gather pair the same layers?
         self._attach()
+        self._dist = _dist.resolve(process_group, distributed, _model_device(model))
+        if self._dist is not None:
+            try:
+                self._check_distributed()
+            except BaseException:
+                self.detach()
+                raise
 
     # ------------------------------------------------------------------ attach / detach
     def _uses_hooks(self) -> bool:
@@ -246,6 +275,25 @@ class DataRegularizer:
                                  "target_strategy='separate' (they then get the plain general-batch gradient)")
             self._warn(f"drpost: parameters {uncovered} are not covered by a layer rule; they get the "
                        "plain general-batch gradient (no selection)")
+
+    def _check_distributed(self) -> None:
+        """Same configuration on every rank (one all-gather of field hashes), then what the
+        distributed mode does not support."""
+        digest = _dist.short_digest
+        scored = [(g.name, [tuple(p.shape) for p in g.params]) for g in self._groups]
+        params = [(tuple(p.shape), str(p.dtype)) for p in self._trainable]
+        _dist.check_same_config(self._dist, {
+            "feasible_set": self.feasible_set, "frac": self.frac, "scoring": self.scoring,
+            "target_strategy": self.target_strategy, "score_norm": self.score_norm, "scope": self.scope,
+            "sketch": (self.sketch_kind, self.sketch_k1, self.sketch_k2), "seed": self.seed,
+            "greedy_lr": self.greedy_lr, "refresh_every": self.refresh_every, "nonfinite": self.nonfinite,
+            "pad_token_id": self.pad_token_id, "loss_fn": None if self.loss_fn is None else "custom",
+            "scored_layers": f"{len(scored)} (shapes {digest(scored)})",
+            "trainable_parameters": f"{len(params)} (shapes/dtypes {digest(params)})"})
+        if self.feasible_set == "greedy":
+            raise ValueError("feasible_set='greedy' is not supported with several processes: its Gram matrix "
+                             "needs the inner products of samples held by different ranks; use layerwise/"
+                             "global/filter/rowwise/random, or run greedy in one process")
 
     def _warn(self, msg: str) -> None:
         if msg not in self._warned:
@@ -416,8 +464,25 @@ class DataRegularizer:
             self._retained.append((group, parts, normed, gram, per_sample))
             return
         with self._phase("selection"):
-            mask = self._select(normed, gram, self._tokens_general)
-        self._assemble(group, parts, mask, per_sample)
+            mask, full_mask = self._choose(normed, gram, group.index)
+        self._assemble(group, parts, mask, per_sample, full_mask)
+
+    def _choose(self, scores, gram, tag: int):
+        """(mask of this process's samples, mask over every rank's samples or None).
+
+        Distributed: the scores of every rank are all-gathered in rank order and the feasible set
+        is applied to the concatenation as one process would; this rank keeps its slice. ``random``
+        needs no scores: every rank's generator is in the same state and draws the same mask."""
+        if self._dist is None:
+            return self._select(scores, gram, self._tokens_general), None
+        ctx, b = self._dist, scores.shape[0]
+        if self.feasible_set == "random":
+            full = scores.new_empty((ctx.world * b,) + tuple(scores.shape[1:]))
+        else:
+            full, ok = _dist.gather_scores(ctx, scores, tag)
+            self._tags_ok = ok if self._tags_ok is None else self._tags_ok & ok
+        full_mask = self._select(full, None, None).to(scores.device)
+        return ctx.local_rows(full_mask, b), full_mask
 
     def _select(self, scores, gram, tokens):
         fset, b = self.feasible_set, scores.shape[0]
@@ -432,24 +497,29 @@ class DataRegularizer:
             return fs.random_mask(scores.shape, k, self._generator).to(scores.device)
         raise AssertionError(fset)
 
-    def _assemble(self, group, parts, mask, per_sample=None):
+    def _assemble(self, group, parts, mask, per_sample=None, full_mask=None):
         with self._phase("weight_grad"):
-            self._assemble_chosen(group, parts, mask, per_sample)
+            self._assemble_chosen(group, parts, mask, per_sample, full_mask)
 
-    def _assemble_chosen(self, group, parts, mask, per_sample=None):
-        """The chosen samples' gradient of one group (summed into its accumulator)."""
+    def _assemble_chosen(self, group, parts, mask, per_sample=None, full_mask=None):
+        """The chosen samples' gradient of one group (summed into its accumulator). ``full_mask``
+        (distributed) is the mask over every rank's samples: this rank's share of a global top-k
+        has no fixed size, so the chosen rows are weighted instead of gathered."""
         self.last_masks[group.name] = mask
         tokens = self._tokens_general
-        k = self._fixed_k(mask)
+        shown = mask if full_mask is None else full_mask
+        k = self._fixed_k(mask) if full_mask is None else None
         idx = None
         weights = mask.to(tokens.dtype)
         if k is not None:
             # a top-k set has a known size: gather its rows without a host sync
             idx = torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:k]
-        elif mask.dim() == 1 and self.feasible_set in ("layerwise", "global", "greedy", "random"):
+        elif shown.dim() == 1 and self.feasible_set in ("layerwise", "global", "greedy", "random") and \
+                fs.num_selected(shown.shape[0], self.frac) == shown.shape[0]:
             weights = None     # k == B: every sample
         count = group.accumulate(parts, weights, idx, per_sample, tokens)
-        self._stats.selected[group.name] = mask.sum() if mask.dim() == 1 else mask.sum(0).float().mean()
+        # distributed: the number chosen over all ranks (known from the gathered mask); tokens are this rank's
+        self._stats.selected[group.name] = shown.sum() if shown.dim() == 1 else shown.sum(0).float().mean()
         self._stats.selected_tokens[group.name] = count
 
     def _fixed_k(self, mask):
@@ -479,9 +549,9 @@ class DataRegularizer:
         gram = sum(r[3] for r in retained) if self.feasible_set == "greedy" else None
         self.last_global_scores = total
         with self._phase("selection"):
-            mask = self._select(total, gram, self._tokens_general)
+            mask, full_mask = self._choose(total, gram, -1)
         for group, parts, _, _, per_sample in retained:
-            self._assemble(group, parts, mask, per_sample)
+            self._assemble(group, parts, mask, per_sample, full_mask)
         self.last_global_mask = mask
 
     # ------------------------------------------------------------------ the step
@@ -501,29 +571,58 @@ class DataRegularizer:
         target = None
         if target_batch is not None:
             target = check_batch(target_batch, "target", device)
-        elif needs_target:
+        elif needs_target and self._dist is None:   # distributed: a rank may hold no target rows
             raise ValueError("a target batch is required for this step (feasible_set="
                              f"{fset!r}, target_strategy={self.target_strategy!r}): pass target_batch")
         try:
             if fset in ("standard", "target_only"):
                 self._plain_step(general, target)
-            elif self.target_strategy == "merged":
-                self._merged_step(general, target)
             else:
-                if needs_target:
-                    self.capture_target(target)
-                if not self._skip:
-                    self._general_step(general)
+                if self._dist is not None:
+                    target = self._exchange(general, target, needs_target)
+                if self.target_strategy == "merged":
+                    self._merged_step(general, target)
+                else:
+                    if needs_target:
+                        self._capture(target)
+                    if not self._skip:
+                        self._general_step(general)
         except BaseException:
             self._mode = None
             self._reset_step()
             self._stats = None
             raise
-        if finalize:
+        return stats if not finalize else self._finish_call(stats)
+
+    def _finish_call(self, stats: StepStats) -> StepStats:
+        try:
             with self._phase("assembly"):
                 self._finalize()
+        finally:
             self._stats = None
         return stats
+
+    def _exchange(self, general: dict, target: dict | None, needs_target: bool) -> dict | None:
+        """Distributed, before the forward: check that every rank has B general rows and, when this
+        step needs the target, all-gather every rank's target rows so that each rank holds the
+        whole target batch (one collective for the sizes, one for the rows)."""
+        ctx, b = self._dist, general["input_ids"].shape[0]
+        if needs_target:
+            full, extra = _dist.gather_rows(ctx, target, self.pad_token_id, extra=(b,))
+            sizes = extra[:, 0].tolist()
+        else:
+            full, sizes = None, ctx.all_gather(torch.tensor([b], device=ctx.device)).tolist()
+        _dist.check_same_batch_size(ctx, sizes)
+        if target is not None and target.keys() - set(_dist._KEYS):
+            self._warn(f"drpost: distributed steps gather only input_ids/attention_mask/labels of the target "
+                       f"batch; {sorted(target.keys() - set(_dist._KEYS))} are dropped")
+        if not needs_target:
+            return target
+        if full is None:
+            raise ValueError("a target batch is required for this step (feasible_set="
+                             f"{self.feasible_set!r}, target_strategy={self.target_strategy!r}) but no rank "
+                             "passed target rows")
+        return check_batch(full, "target", _model_device(self.model))
 
     def _forward_losses(self, batch: dict, mode):
         self._mode = mode
@@ -536,6 +635,11 @@ class DataRegularizer:
 
     def _check_loss(self, loss: torch.Tensor, what: str) -> bool:
         if bool(torch.isfinite(loss)):
+            return True
+        if self._dist is not None:
+            # the other ranks are about to enter this backward's collectives: go on, and let
+            # finalize drop (or refuse) the step on every rank
+            self._bad_loss = self._bad_loss or what
             return True
         if self.nonfinite == "error":
             raise NonFiniteError(f"non-finite {what} loss ({float(loss.detach())}); check the learning rate, the data "
@@ -563,11 +667,17 @@ class DataRegularizer:
         """standard (general rows) or target_only (target rows): ordinary autograd, token sums."""
         train, other = (general, target) if self.feasible_set == "standard" else (target, general)
         self._mode = None
+        stats = self._stats
+        if train is None:          # distributed target_only: no target rows on this rank
+            with torch.no_grad():
+                gs, gt = row_losses(self.model, other, self.loss_fn)
+            stats.add("general", gs.sum(), gt.sum())
+            return
         with self._phase("forward"):
             sums, tokens = row_losses(self.model, train, self.loss_fn)
-        require_supervised(tokens, "general" if train is general else "target")
+        if self._dist is None:     # distributed: checked on the tokens of all ranks at finalize
+            require_supervised(tokens, "general" if train is general else "target")
         loss = sums.sum()
-        stats = self._stats
         t_total = tokens.sum()
         if self.feasible_set == "standard":
             stats.add("general", loss.detach(), t_total)
@@ -615,16 +725,27 @@ class DataRegularizer:
             self._tokens_target_total = t_tgt
             stats.add("target", sums[b:].detach().sum(), t_tgt)
             require_supervised(t_tgt, "target")
-        require_supervised(t_gen, "general")
+        if self._dist is None:     # distributed: checked on the tokens of all ranks at finalize
+            require_supervised(t_gen, "general")
         self._accumulate_tokens("_plain_tokens", t_gen)
 
-    def capture_target(self, target_batch: dict, chunk_size: int | None = None) -> None:
+    def capture_target(self, target_batch: dict | None, chunk_size: int | None = None) -> None:
         """Separate strategy: compute and cache the per-layer target gradient (raw sums), from the
-        whole target batch, in chunks of ``chunk_size`` rows if given (chunks are summed)."""
+        whole target batch, in chunks of ``chunk_size`` rows if given (chunks are summed).
+        Distributed: each rank passes its slice (or None); the slices are gathered first."""
         if self.target_strategy != "separate":
             raise ValueError("capture_target is for target_strategy='separate'")
         device = _model_device(self.model)
-        target = check_batch(target_batch, "target", device)
+        target = check_batch(target_batch, "target", device) if target_batch is not None or self._dist is None \
+            else None
+        if self._dist is not None:      # every rank captures the whole target batch
+            target, _ = _dist.gather_rows(self._dist, target, self.pad_token_id)
+            if target is None:
+                raise ValueError("capture_target: no rank passed target rows")
+            target = check_batch(target, "target", device)
+        self._capture(target, chunk_size)
+
+    def _capture(self, target: dict, chunk_size: int | None = None) -> None:
         for g in self._groups:
             g.cache = None
         n = target["input_ids"].shape[0]
@@ -670,6 +791,8 @@ class DataRegularizer:
             self._mode = None
 
     def _finalize(self) -> None:
+        if self._dist is not None:
+            return self._finalize_distributed()
         stats = self._stats
         bad = [g for g in self._groups if g.bad is not None]
         if not self._skip and bad:
@@ -700,10 +823,81 @@ class DataRegularizer:
             self._steps_since_capture += 1
         self._reset_step()
 
+    def _finalize_distributed(self) -> None:
+        """Distributed ``_finalize``: one small all-reduce of [non-finite flag per rank, plain tokens,
+        chosen-token counts of every group, has-gradient flag per trainable parameter]; then the raw
+        chosen gradients are summed over the ranks (bucketed) and divided by the global counts, so
+        every rank writes the same ``.grad``."""
+        ctx, stats = self._dist, self._stats
+        groups = [g for g in self._groups if g.count is not None]
+        dev = ctx.device
+        bad = any(g.bad is not None for g in self._groups) and \
+            bool(torch.stack([g.bad for g in self._groups if g.bad is not None]).any())
+        flags = torch.zeros(ctx.world, dtype=torch.float64, device=dev)
+        flags[ctx.rank] = float(bad or self._bad_loss is not None)
+        source = {p: acc for g in groups for p, acc in g.acc.items()}
+        source.update(self._plain_acc)
+        has = torch.tensor([float(p in source) for p in self._trainable], dtype=torch.float64, device=dev)
+        plain = self._plain_tokens if self._plain_tokens is not None else torch.zeros((), device=dev)
+        meta = torch.cat([flags, plain.reshape(1).to(dev, torch.float64)] +
+                         [g.count.reshape(-1).to(dev, torch.float64) for g in groups] + [has])
+        ctx.all_reduce(meta)
+        try:
+            _dist.check_tags(self._tags_ok)
+        except RuntimeError:
+            self._reset_step()
+            raise
+        flags, plain, rest = meta[:ctx.world], meta[ctx.world], meta[ctx.world + 1:]
+        bad_ranks = flags.nonzero().flatten().tolist()
+        if bad_ranks:
+            what = f"non-finite loss, scores or target gradient on rank(s) {bad_ranks}"
+            if self.nonfinite == "error":
+                self._reset_step()
+                raise NonFiniteError(f"{what}; pass nonfinite='skip' to drop such steps")
+            for p in self._trainable:
+                p.grad = None
+            stats.skipped = True
+            if self.target_strategy == "separate":
+                self._steps_since_capture = None   # the cached target may be the bad part: recapture
+            self._reset_step()
+            return
+        if float(plain) <= 0:
+            self._reset_step()
+            role = "target" if self.feasible_set == "target_only" else "general"
+            raise ValueError(f"the {role} batches of all {ctx.world} ranks have no supervised tokens: every label "
+                             "is -100; check the chat template / label masking and truncation")
+        for g in groups:                           # global chosen-token counts
+            n = g.count.numel()
+            g.count, rest = rest[:n].view_as(g.count).to(g.count.dtype), rest[n:]
+        present = rest > 0
+        grads = []
+        for p, keep in zip(self._trainable, present.tolist()):
+            if keep:
+                acc = source.get(p)
+                if acc is None or not acc.is_contiguous():
+                    acc = torch.zeros_like(p, memory_format=torch.contiguous_format) if acc is None \
+                        else acc.contiguous()
+                    source[p] = acc
+                grads.append(acc)
+        _dist.all_reduce_tensors(ctx, grads)
+        group_of = {p: g for g in groups for p in g.params}
+        for p, keep in zip(self._trainable, present.tolist()):
+            if not keep:
+                continue
+            acc, g = source[p], group_of.get(p)
+            if g is not None:
+                _add_grad(p, acc.div_(g.rows_broadcast(p, g.count.clamp_min(1).to(acc.dtype))))
+            else:
+                _add_grad(p, acc.div_(plain.clamp_min(1).to(acc.dtype)))
+        if self.target_strategy == "separate" and self._steps_since_capture is not None:
+            self._steps_since_capture += 1
+        self._reset_step()
+
     def _reset_step(self) -> None:
         for g in self._groups:
             g.reset()
         self._plain_acc, self._plain_tokens, self._skip, self._retained = {}, None, False, []
+        self._bad_loss, self._tags_ok = None, None
 
 
 def _add_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:

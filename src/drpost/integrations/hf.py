@@ -52,8 +52,29 @@ How the pieces map onto the Trainer (transformers 5):
   supervised tokens, mean over layers), plus ``skipped_steps`` in the interval. They reach every
   ``report_to`` integration (TensorBoard shows them under ``train/``).
 
-Single process only (the engine has no collectives yet); gradient checkpointing is refused by the
-engine with a clear error.
+Several processes (``torchrun``, one general shard per rank; gradient checkpointing is refused by
+the engine with a clear error):
+
+* **No DDP.** The regularizer reduces the gradients itself (``drpost.distributed``): it gathers the
+  scores for one global selection and all-reduces the chosen, token-normalised gradient, so every
+  rank writes the same ``.grad``. DDP's reducer would never see the scored layers' gradients
+  (drpost writes them after autograd's backward), so the model must not be wrapped: in transformers
+  5 the wrapping happens in ``accelerator.prepare(model, optimizer)`` -> ``Accelerator.prepare_model``,
+  which DrPostTrainer calls with ``evaluation_mode=True`` (device placement and the mixed-precision
+  ``forward`` are still applied; only the DDP wrapper is skipped). FSDP and DeepSpeed are refused.
+* **Scaling.** Nothing is scaled per rank: each rank accumulates raw token sums of its chosen
+  samples, the engine sums them over the ranks and divides by the global chosen-token counts, which
+  is the single-process update on the concatenated batch. Gradient clipping and the optimizer then
+  run on identical gradients on every rank, so the replicas stay identical.
+* **Data.** The general data is sharded by the Trainer's distributed sampler (each rank its own
+  rows, the same count everywhere). The ``TargetSampler`` draws the same target indices on every
+  rank (same seed); each rank collates its contiguous slice ``[rank*V/R, (rank+1)*V/R)`` (contiguous
+  so that the engine's rank-ordered gather rebuilds the target batch in the single-process order)
+  and the engine all-gathers the slices, so every rank scores against the whole target batch.
+* **Logs.** The Trainer's ``loss`` is the global token-mean general loss (each rank returns its loss
+  sum over the global token count times the world size; the Trainer averages over ranks).
+  ``selected_mean/min/max`` count the samples chosen over all ranks; ``general_loss``,
+  ``target_loss`` and ``selected_tokens`` are the logging rank's (rank 0's) own values.
 """
 from __future__ import annotations
 
@@ -117,7 +138,8 @@ class DrPostArguments(TrainingArguments):
                           "optimisation steps."})
     target_batch_size: int = field(
         default=2,
-        metadata={"help": "Target rows drawn per optimisation step (shared by all its micro-batches)."})
+        metadata={"help": "Target rows drawn per optimisation step (shared by all its micro-batches; "
+                          "with several processes, the whole target batch, split between the ranks)."})
     n_target: int = field(
         default=16,
         metadata={"help": "Minimum number of rows the target dataset must have (a guard against passing "
@@ -219,9 +241,31 @@ class DrPostTrainer(Trainer):
                             "DrPostArguments accepts every TrainingArguments field")
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          *trainer_args, **kwargs)
+        if args.world_size > 1:
+            self._no_ddp_wrapping()
         self.target_dataset = self._check_target(target_dataset)
         self._reg: DataRegularizer | None = None
         self._reset_run_state()
+
+    def _no_ddp_wrapping(self) -> None:
+        """Several processes: drpost reduces the gradients itself, so the model must not be wrapped in
+        DistributedDataParallel. transformers 5 wraps it inside ``accelerator.prepare`` ->
+        ``Accelerator.prepare_model``; call that with ``evaluation_mode=True``, which keeps device
+        placement and the autocast ``forward`` and skips only the DDP wrapper."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("DrPostTrainer does not support FSDP or DeepSpeed: drpost needs every rank to hold "
+                             "the whole model (it reduces the chosen gradients itself); use plain torchrun data "
+                             "parallelism")
+        if self.args.n_gpu > 1:
+            raise NotImplementedError("DrPostTrainer does not support nn.DataParallel (several GPUs in one "
+                                      "process): launch one process per GPU with torchrun")
+        accelerator = self.accelerator
+        prepare_model = accelerator.prepare_model
+
+        def prepare_model_without_ddp(model, device_placement=None, evaluation_mode=False):
+            return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+
+        accelerator.prepare_model = prepare_model_without_ddp
 
     # ------------------------------------------------------------------ target data
     def _check_target(self, target):
@@ -260,8 +304,15 @@ class DrPostTrainer(Trainer):
     def _target_batch_for_step(self) -> dict | None:
         if self._sampler is None:
             return None
+        indices = self._sampler.next_indices()     # the same on every rank (same seed and state)
+        world, rank = self.args.world_size, self.args.process_index
+        if world > 1:                              # this rank's contiguous slice; the engine gathers them
+            n = len(indices)
+            indices = indices[rank * n // world:(rank + 1) * n // world]
+            if not indices:
+                return None
         rows = []
-        for i in self._sampler.next_indices():
+        for i in indices:
             row = self.target_dataset[i]
             rows.append({k: row[k] for k in _TARGET_KEYS if k in row})
         return self._prepare_inputs(self.data_collator(rows))
@@ -274,9 +325,9 @@ class DrPostTrainer(Trainer):
     def _regularizer_for(self, model) -> DataRegularizer:
         if self._reg is None:
             a = self.args
-            if a.world_size > 1 or a.n_gpu > 1:
-                raise NotImplementedError("DrPostTrainer runs single-process only: drpost does not all-reduce "
-                                          "its chosen gradients across processes/GPUs yet")
+            if a.n_gpu > 1:
+                raise NotImplementedError("DrPostTrainer does not support nn.DataParallel (several GPUs in one "
+                                          "process): launch one process per GPU with torchrun")
             self._reg = DataRegularizer(
                 self.accelerator.unwrap_model(model), feasible_set=a.feasible_set, frac=a.frac,
                 scoring=a.scoring, target_strategy=a.target_strategy, score_norm=a.score_norm, scope=a.scope,
@@ -307,6 +358,15 @@ class DrPostTrainer(Trainer):
         counts = [(b["labels"][..., 1:] != IGNORE_INDEX).sum() for b in batch_samples
                   if isinstance(b, dict) and isinstance(b.get("labels"), torch.Tensor)]
         self._step_tokens = sum(counts) if counts and len(counts) == len(batch_samples) else None
+        if self.args.world_size > 1:
+            # the logged loss is the global token mean: every rank needs the tokens of all ranks
+            # (each rank calls get_batch_samples once per optimisation step, so this is symmetric)
+            local = self._step_tokens if self._step_tokens is not None else torch.tensor(-1)
+            total = local.to(device=self.args.device, dtype=torch.float64).reshape(1)
+            flags = torch.tensor([float(self._step_tokens is None)], dtype=torch.float64, device=self.args.device)
+            both = torch.cat([total, flags])
+            torch.distributed.all_reduce(both)
+            self._step_tokens = None if float(both[1]) > 0 else both[0]
         return batch_samples, num_items_in_batch
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -325,6 +385,8 @@ class DrPostTrainer(Trainer):
             self._target_batch = None
         if self._step_tokens is not None:
             loss = stats.general_loss * stats.general_tokens / self._step_tokens.to(stats.general_loss.device)
+            if self.args.world_size > 1:
+                loss = loss * self.args.world_size  # the Trainer logs the mean over ranks
         else:
             loss = stats.general_loss / self.current_gradient_accumulation_steps
         return loss.detach().to(device=self.args.device, dtype=torch.float32)

@@ -1,0 +1,216 @@
+"""Data-parallel drpost: several processes (``torchrun``), one global, symmetric selection.
+
+Each rank holds a different shard of the general batch (the same number of rows B on every rank)
+and, optionally, a different slice of the target batch. A distributed step gives the same update
+as one process running on the concatenated batches:
+
+* **Target.** At the start of a step the target slices are all-gathered (padded to a common length
+  with the pad id / attention 0 / labels -100), so every rank forwards the *whole* target batch
+  (merged strategy) or captures it (separate strategy). Every rank then holds the identical target
+  representation and target token count, and the per-layer scoring needs no collective of its own.
+  The price is V_total target rows of forward/backward on every rank instead of V_total / R; the
+  target batch is small (a few rows) next to the general batch, and the alternative (an all-reduce
+  of every layer's target representation inside the backward) would put one collective per layer
+  on the critical path and could not serve the pairwise-ghost back-end, whose target side is the
+  factors themselves.
+* **Selection.** Per scored group (or once, for ``global`` scope) the normalised local scores are
+  all-gathered in rank order and the feasible set is applied to the concatenation exactly as one
+  process would (same k = num_selected(R*B, frac), same tie-breaking); each rank keeps its slice of
+  the mask. ``random`` draws the global mask from the generator every rank holds in the same state.
+* **Update.** At ``finalize`` one small all-reduce sums the chosen-token counts of every group, the
+  token count of the plain (unscored) parameters, the non-finite flags and which parameters have
+  a gradient; one bucketed all-reduce then sums the raw chosen gradients, and every rank divides by
+  the *global* counts, so all ranks write the identical ``.grad``. drpost does this itself: the
+  model must not be wrapped in ``DistributedDataParallel``.
+
+Every rank runs the same collectives in the same order whatever it selected, so a rank that keeps
+no sample still takes part. Errors are raised on every rank when they are decided from gathered
+data (mismatched configuration, unequal batch sizes, non-finite steps, no supervised tokens).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from .batch import IGNORE_INDEX
+
+BUCKET_BYTES = 64 * 2 ** 20      # gradients are all-reduced in flat buckets of at most this size
+# torch >= 2.12 names the one-tensor all-gather all_gather_single (all_gather_into_tensor is deprecated)
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+
+
+class DistContext:
+    """The process group drpost's collectives run on, and this process's place in it."""
+
+    def __init__(self, group, device: torch.device):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.device = device
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[n, ...] on every rank (same shape everywhere) -> [world * n, ...] in rank order."""
+        t = t.contiguous()
+        out = torch.empty((self.world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        _all_gather_single(out, t, group=self.group)
+        return out
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, in place."""
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def local_rows(self, full: torch.Tensor, b: int) -> torch.Tensor:
+        """This rank's slice of a tensor gathered along dim 0 from ``b`` rows per rank."""
+        return full[self.rank * b:(self.rank + 1) * b]
+
+
+def resolve(process_group=None, distributed: bool | None = None, device=None) -> DistContext | None:
+    """A DistContext when drpost should run distributed, else None.
+
+    On when torch.distributed is initialised and the group has more than one process;
+    ``distributed=False`` forces it off, ``distributed=True`` requires it."""
+    if distributed is False:
+        return None
+    ready = dist.is_available() and dist.is_initialized()
+    if not ready:
+        if distributed:
+            raise ValueError("distributed=True but torch.distributed is not initialised: launch with torchrun "
+                             "and call torch.distributed.init_process_group() before creating the DataRegularizer")
+        return None
+    if dist.get_world_size(process_group) <= 1:
+        return None
+    return DistContext(process_group, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+def is_ddp(model) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration check
+
+def _digest(value) -> int:
+    h = hashlib.sha256(repr(value).encode()).digest()
+    return int.from_bytes(h[:8], "little", signed=True)
+
+
+def short_digest(value) -> str:
+    """A short, process-independent fingerprint of a value's repr (for long fields in error messages)."""
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
+
+def check_same_config(ctx: DistContext, fields: dict) -> None:
+    """All-gather a hash of every field; raise the same ValueError on every rank, naming the
+    fields that differ (and each rank's value), when the ranks disagree."""
+    names = list(fields)
+    mine = torch.tensor([_digest(fields[n]) for n in names], dtype=torch.int64, device=ctx.device)
+    every = ctx.all_gather(mine[None]).cpu()           # [world, F]
+    differ = [n for j, n in enumerate(names) if not bool((every[:, j] == every[0, j]).all())]
+    if not differ:
+        return
+    values = [None] * ctx.world                         # only on this error path: who has what
+    dist.all_gather_object(values, {n: fields[n] for n in differ}, group=ctx.group)
+    detail = "; ".join(f"{n}: " + ", ".join(f"rank {r}={values[r][n]!r}" for r in range(ctx.world))
+                       for n in differ)
+    raise ValueError(f"drpost: the {ctx.world} ranks were given different configurations ({detail}); every "
+                     "rank must build the same model and DataRegularizer options for the global selection")
+
+
+def check_same_batch_size(ctx: DistContext, sizes: list[int]) -> None:
+    if len(set(sizes)) > 1:
+        raise ValueError(f"drpost: the general batch has a different number of rows on each rank ({sizes}); the "
+                         "global selection needs the same batch size B on every rank (shard the data evenly, "
+                         "e.g. drop_last or even_batches)")
+
+
+# ---------------------------------------------------------------------------------------------
+# target rows
+
+_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def gather_rows(ctx: DistContext, batch: dict | None, pad_id: int, extra=()) -> tuple[dict | None, torch.Tensor]:
+    """Every rank's rows of ``batch`` (None = no rows here), concatenated in rank order and right-padded
+    to the longest sequence: pad id, attention 0, labels -100. Two collectives: the sizes (with the
+    integers ``extra`` of every rank, returned as [world, len(extra)]), then the padded rows.
+    Only input_ids, attention_mask and labels travel."""
+    n, t = (batch["input_ids"].shape[0], batch["input_ids"].shape[1]) if batch is not None else (0, 0)
+    head = torch.tensor([[n, t, *extra]], dtype=torch.int64, device=ctx.device)
+    heads = ctx.all_gather(head).cpu()
+    rows, seqs = heads[:, 0].tolist(), heads[:, 1].tolist()
+    if sum(rows) == 0:
+        return None, heads[:, 2:]
+    big_n, big_t = max(rows), max(seqs)
+    payload = torch.empty((3, big_n, big_t), dtype=torch.int64, device=ctx.device)
+    for j, value in enumerate((pad_id, 0, IGNORE_INDEX)):
+        payload[j].fill_(value)
+        if n:
+            payload[j, :n, :t] = batch[_KEYS[j]]
+    full = ctx.all_gather(payload).view(ctx.world, 3, big_n, big_t)
+    stacked = torch.cat([full[r, :, :rows[r]] for r in range(ctx.world) if rows[r]], dim=1)
+    return dict(zip(_KEYS, stacked.unbind(0))), heads[:, 2:]
+
+
+# ---------------------------------------------------------------------------------------------
+# scores
+
+def gather_scores(ctx: DistContext, scores: torch.Tensor, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local scores [B] or [B, R] -> (the ranks' scores concatenated along dim 0, as float64, which is
+    exact for the float32/float64 scores drpost computes, so the selection sees the same order and
+    ties; a device flag, True when every rank sent the same ``tag``). The tag (the group index)
+    catches ranks that process their layers in a different order; the flag is checked at the end of
+    the step (see ``check_tags``), so the backward needs no host synchronisation."""
+    b, rest = scores.shape[0], tuple(scores.shape[1:])
+    payload = torch.cat([torch.full((1,), float(tag), dtype=torch.float64, device=scores.device),
+                         scores.detach().to(torch.float64).flatten()])
+    full = ctx.all_gather(payload[None])                 # [world, 1 + B * R]
+    tags = full[:, 0]
+    return full[:, 1:].reshape((ctx.world * b,) + rest), (tags == tags[0]).all()
+
+
+def check_tags(ok: torch.Tensor | None) -> None:
+    """Raise (on every rank: the gathered tags are the same everywhere) if some score gather paired
+    different layers."""
+    if ok is not None and not bool(ok):
+        raise RuntimeError("drpost: the ranks scored different layers in the same collective; every rank must "
+                           "run the same model and the same code path")
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients
+
+def all_reduce_tensors(ctx: DistContext, tensors: list, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Sum every tensor over the ranks, in place: consecutive tensors of one dtype/device are
+    flattened into buckets of at most ``bucket_bytes`` (a tensor that large goes alone, without a
+    copy), so a model's gradients take a few collectives. Every rank must pass tensors of the same
+    shapes in the same order."""
+    with torch.no_grad():       # accumulators may be views made under no_grad (e.g. inside the backward)
+        _all_reduce_buckets(ctx, tensors, bucket_bytes)
+
+
+def _all_reduce_buckets(ctx: DistContext, tensors: list, bucket_bytes: int) -> None:
+    bucket: list = []
+    size = 0
+
+    def flush():
+        nonlocal bucket, size
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            ctx.all_reduce(bucket[0])
+        elif bucket:
+            flat = ctx.all_reduce(torch.cat([t.reshape(-1) for t in bucket]))
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+        bucket, size = [], 0
+
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device or size + nbytes > bucket_bytes):
+            flush()
+        bucket.append(t)
+        size += nbytes
+    flush()

@@ -172,6 +172,17 @@ drpost eval options (after RUN_DIR):
 """
 
 
+def _add_recipe_command(sub, name: str, func, epilog: str, help: str, description: str, config_help: str) -> None:
+    """A sub-command taking a recipe CONFIG followed by --section.key overrides and drpost's flags."""
+    p = sub.add_parser(
+        name, help=help, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=epilog, allow_abbrev=False,
+        usage=f"drpost {name} CONFIG [--section.key value ...] [--resume] [--overwrite] [--no-progress]")
+    p.add_argument("config", help=config_help)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from drpost.demo import add_demo_arguments
 
@@ -189,23 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
-    train = sub.add_parser(
-        "train", help="train one recipe: drpost train CONFIG [--section.key value ...] [--resume]",
-        description="Supervised fine-tuning with Dr. Post-Training from a YAML recipe (configs/*.yaml).",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_TRAIN_EPILOG, allow_abbrev=False,
-        usage="drpost train CONFIG [--section.key value ...] [--resume] [--overwrite] [--no-progress]")
-    train.add_argument("config", help="a YAML recipe, or a run directory (its config.yaml)")
-    train.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    train.set_defaults(func=_train)
-
-    spec = sub.add_parser(
-        "spectrum", help="compare feasible sets over seeds and fracs: drpost spectrum CONFIG [--spectrum.seeds 0,1,2]",
-        description="Run a recipe for every feasible set x frac x seed and tabulate/plot the results.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_SPECTRUM_EPILOG, allow_abbrev=False,
-        usage="drpost spectrum CONFIG [--section.key value ...] [--resume] [--overwrite] [--no-progress]")
-    spec.add_argument("config", help="a YAML recipe (configs/*.yaml)")
-    spec.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    spec.set_defaults(func=_spectrum)
+    _add_recipe_command(sub, "train", _train, _TRAIN_EPILOG,
+                        help="train one recipe: drpost train CONFIG [--section.key value ...] [--resume]",
+                        description="Supervised fine-tuning with Dr. Post-Training from a YAML recipe (configs/*.yaml).",
+                        config_help="a YAML recipe, or a run directory (its config.yaml)")
+    _add_recipe_command(sub, "spectrum", _spectrum, _SPECTRUM_EPILOG,
+                        help="compare feasible sets over seeds and fracs: drpost spectrum CONFIG "
+                        "[--spectrum.seeds 0,1,2]",
+                        description="Run a recipe for every feasible set x frac x seed and tabulate/plot the results.",
+                        config_help="a YAML recipe (configs/*.yaml)")
 
     bench = sub.add_parser(
         "bench", help="time a drpost step against a plain step (ratios, breakdown, peak memory)",

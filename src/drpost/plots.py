@@ -267,6 +267,11 @@ def plot_spectrum(summary: list[dict], metric_names: list[str], path: str | Path
             if ys and max(ys) / max(min(ys), 1e-9) > 4:
                 ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
+    return _save_seed_figure(plt, fig, path, title)
+
+
+def _save_seed_figure(plt, fig, path, title: str) -> Path:
+    """Title (over-seed statistics), layout, save, close."""
     if title:
         fig.suptitle(title + " (mean ± SE over seeds)", fontsize=10)
     fig.tight_layout()
@@ -325,9 +330,4 @@ def plot_spectrum_curves(runs: list[dict], path: str | Path, title: str = "") ->
         ax.grid(alpha=0.3)
         _integer_x(ax)
     ax1.legend(fontsize=8)
-    if title:
-        fig.suptitle(title + " (mean ± SE over seeds)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_seed_figure(plt, fig, path, title)

@@ -13,7 +13,8 @@ from models_tiny import llama, make_batch
 
 def test_bench_runs_and_writes_its_tables(tmp_path, capsys):
     args = ["bench", "--num-layers", "1", "--batch", "2", "--seq", "16", "--reps", "1", "--warmup", "0",
-            "--configs", "layerwise:auto,global:sketch", "--out", str(tmp_path), "--no-progress", "--threads", "1"]
+            "--configs", "layerwise:auto,global:sketch", "--out", str(tmp_path), "--no-progress", "--threads", "1",
+            "--memory", "inprocess"]
     assert main(args) == 0
     md = tmp_path / "bench-B2-T16-V1-fp32-cpu.md"
     report = json.loads((tmp_path / "bench-B2-T16-V1-fp32-cpu.json").read_text())
@@ -30,6 +31,22 @@ def test_bench_runs_and_writes_its_tables(tmp_path, capsys):
         rows["layerwise:auto"]["breakdown_s"])
     assert {"activation_backward", "weight_grad", "forward", "optimizer"} <= set(rows["plain"]["breakdown_s"])
     assert "Breakdown" in capsys.readouterr().out
+
+
+def test_bench_measures_memory_in_a_process_per_variant(tmp_path):
+    args = ["bench", "--num-layers", "1", "--batch", "2", "--seq", "16", "--reps", "1", "--warmup", "0",
+            "--breakdown-reps", "0", "--configs", "layerwise:auto", "--no-naive", "--out", str(tmp_path),
+            "--no-progress", "--threads", "1"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench-B2-T16-V1-fp32-cpu.json").read_text())
+    assert "fresh process" in report["memory_kind"]
+    rows = {r["config"]: r for r in report["rows"]}
+    for key in ("plain", "layerwise:auto"):
+        note = rows[key]["memory_note"]
+        assert isinstance(note, dict), note  # not an error string from the child
+        # the peak of the measured step is at least what was resident before it
+        assert rows[key]["peak_mb"] >= note["rss_before_step_mb"] > 0
+    assert rows["plain"]["memory_ratio"] == 1.0
 
 
 def test_bench_rejects_a_bad_variant(tmp_path, capsys):
@@ -65,3 +82,22 @@ def test_profiling_and_reattaching_do_not_change_the_gradients():
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
     assert reg.profiler.seconds["scoring"] > 0
+
+
+def test_reattaching_a_separate_strategy_recaptures_the_target():
+    """detach/attach rebuilds the layer groups, so the cached target gradient must be captured again
+    (found by `drpost bench --target-strategy separate`, which detaches between variants)."""
+    model = llama(num_layers=1)
+    general, target = make_batch(2, 12, seed=1), make_batch(1, 12, seed=2)
+    reg = DataRegularizer(model, feasible_set="layerwise", target_strategy="separate", refresh_every=3)
+    reg.backward(general, target)
+    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    reg.detach()
+    model(input_ids=general["input_ids"]).logits.sum().backward()  # a plain step in between
+    model.zero_grad(set_to_none=True)
+    reg.attach()
+    reg.backward(general, target)  # raised "no target gradient cached" before the fix
+    again = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert first.keys() == again.keys() and all(torch.allclose(first[n], again[n]) for n in first)
+    reg.detach()

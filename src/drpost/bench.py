@@ -45,6 +45,7 @@ __all__ = ["BenchConfig", "run_bench", "format_report", "DEFAULT_CONFIGS"]
 
 DEFAULT_CONFIGS = ("layerwise:auto", "layerwise:sketch", "layerwise:pairwise_ghost", "layerwise:reduced_ghost",
                    "layerwise:direct", "global:auto", "rowwise:auto", "filter:auto")
+MEMORY_MODES = ("auto", "subprocess", "inprocess", "off")
 PHASES = ("forward", "backward", "activation_backward", "weight_grad", "scoring", "selection", "norm_rules",
           "assembly", "optimizer", "pass_1", "pass_2", "per_sample_grads")
 
@@ -68,6 +69,9 @@ class BenchConfig:
     freeze_embeddings: bool = False
     threads: int | None = None
     seed: int = 0
+    target_strategy: str = "merged"  # merged | separate (target gradient captured, cached refresh_every steps)
+    refresh_every: int = 1
+    memory: str = "auto"  # auto (CPU: subprocess, CUDA: allocator) | subprocess | inprocess | off
 
     def check(self) -> None:
         from drpost import feasible as fs
@@ -77,6 +81,12 @@ class BenchConfig:
                             ("reps", self.reps, 1), ("warmup", self.warmup, 0), ("breakdown_reps", self.breakdown_reps, 0)):
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"bench: {name} must be an integer >= {lo}, got {v!r}")
+        if self.target_strategy not in ("merged", "separate"):
+            raise ValueError(f"bench: target_strategy must be merged or separate, got {self.target_strategy!r}")
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise ValueError(f"bench: refresh_every must be an integer >= 1, got {self.refresh_every!r}")
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"bench: memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"bench: dtype must be fp32 or bf16, got {self.dtype!r}")
         if not 0 < self.frac <= 1:
@@ -124,6 +134,72 @@ class _PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, self._rss())
         return False
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _memory_child(cfg: BenchConfig, key: str) -> dict:
+    """In a fresh process: one warm-up step of ``key``, reset the peak RSS, one measured step.
+
+    A fresh process per variant is needed on CPU: the allocator keeps freed pages, so in one process
+    the RSS peak of every variant after the first is the maximum over all earlier ones."""
+    import gc
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    bench = _Bench(cfg)
+    step = _variant(bench, key)
+    bench.activate(key)
+    step()  # warm-up: optimizer state allocated, lazy buffers built
+    gc.collect()
+    before = _proc_status_kb("VmRSS")
+    reset = _reset_peak_rss()
+    step()
+    peak = _proc_status_kb("VmHWM")
+    if peak is None:  # not Linux: the process's lifetime peak
+        import resource
+
+        peak, reset = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
+    return {"peak_kb": peak, "before_kb": before, "reset": reset}
+
+
+def _memory_in_subprocesses(cfg: BenchConfig, keys: list[str], progress: bool) -> dict:
+    """Peak RSS of one step of every variant, each measured in its own Python process."""
+    import subprocess
+    import sys
+
+    from tqdm.auto import tqdm
+
+    out = {}
+    for key in tqdm(keys, desc="memory", unit="variant", disable=not progress, dynamic_ncols=True):
+        payload = json.dumps({"cfg": asdict(cfg), "key": key})
+        proc = subprocess.run([sys.executable, "-m", "drpost.bench", "--memory-child"], input=payload,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            out[key] = {"error": f"memory subprocess failed (exit {proc.returncode}): {tail[:200]}"}
+            continue
+        out[key] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
 
 
 class _PeakCUDA:
@@ -222,7 +298,9 @@ class _Bench:
         fset, scoring = key.split(":")
         if key not in self.regs:
             self.regs[key] = DataRegularizer(self.model, feasible_set=fset, frac=self.cfg.frac, scoring=scoring,
-                                             sketch=self.cfg.sketch, seed=self.cfg.seed)
+                                             sketch=self.cfg.sketch, seed=self.cfg.seed,
+                                             target_strategy=self.cfg.target_strategy,
+                                             refresh_every=self.cfg.refresh_every)
             self.regs[key].detach()
         return self.regs[key]
 
@@ -316,11 +394,24 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    bench = _Bench(cfg)
+    memory = cfg.memory
+    if torch.device(cfg.device).type == "cuda" and memory != "off":
+        memory = "allocator"  # exact per step on CUDA
+    elif memory == "auto":
+        memory = "subprocess"
     keys = ["plain"] + list(cfg.configs) + (["naive:vmap", "naive:two_pass"] if cfg.naive else [])
     times = {k: [] for k in keys}
     peaks = {k: [] for k in keys}
     failed: dict[str, str] = {}
+    memory_notes = {}
+    if memory == "subprocess":  # first, while this process holds no model
+        for key, m in _memory_in_subprocesses(cfg, keys, progress).items():
+            if "error" in m:
+                memory_notes[key] = m["error"]
+            else:
+                peaks[key] = [m["peak_kb"] * 1024]
+                memory_notes[key] = {"rss_before_step_mb": m["before_kb"] / 1024, "peak_reset": m["reset"]}
+    bench = _Bench(cfg)
     total = (cfg.warmup + cfg.reps) * len(keys)
     bar = tqdm(total=total, desc="bench", unit="step", disable=not progress, dynamic_ncols=True)
     for rep in range(cfg.warmup + cfg.reps):
@@ -330,7 +421,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 continue
             step = _variant(bench, key)
             bench.activate(key)
-            meter = _PeakCUDA(bench.device) if bench.device.type == "cuda" else _PeakRSS()
+            meter = {"allocator": lambda: _PeakCUDA(bench.device), "inprocess": _PeakRSS}.get(memory, nullcontext)()
             try:
                 bench.sync()
                 with meter:
@@ -346,7 +437,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 continue
             if rep >= cfg.warmup:
                 times[key].append(dt)
-                peaks[key].append(meter.peak)
+                if hasattr(meter, "peak"):
+                    peaks[key].append(meter.peak)
     bar.close()
 
     breakdown: dict[str, dict] = {}
@@ -368,7 +460,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         reg.detach()
 
     base_t = statistics.median(times["plain"])
-    base_m = max(peaks["plain"])
+    base_m = max(peaks["plain"]) if peaks["plain"] else float("nan")
     rows = []
     for key in keys:
         if key in failed:
@@ -380,14 +472,19 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             used[b] = used.get(b, 0) + 1
         rows.append({"config": key, "median_s": med, "ratio": med / base_t,
                      "ratio_min_max": [min(times[key]) / base_t, max(times[key]) / base_t],
-                     "peak_mb": max(peaks[key]) / 2 ** 20, "memory_ratio": max(peaks[key]) / base_m,
-                     "backends": used, "breakdown_s": breakdown.get(key, {})})
+                     "peak_mb": max(peaks[key]) / 2 ** 20 if peaks[key] else float("nan"),
+                     "memory_ratio": max(peaks[key]) / base_m if peaks[key] else float("nan"),
+                     "memory_note": memory_notes.get(key), "backends": used, "breakdown_s": breakdown.get(key, {})})
     n_params = sum(p.numel() for p in bench.params)
     return {
         "config": asdict(cfg),
         "model_layers": bench.model.config.num_hidden_layers,
         "trainable_params": n_params,
-        "memory_kind": "CUDA allocator peak" if bench.device.type == "cuda" else "process RSS peak",
+        "memory_kind": {"allocator": "CUDA allocator peak of a step", "off": "not measured",
+                        "subprocess": "peak RSS of one step after a warm-up step, each variant in a fresh process",
+                        "inprocess": "process RSS peak sampled in the timing process (monotone on CPU: "
+                                     "only the first variant's value is its own)"}.get(
+                            memory),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "device_name": torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else "cpu"},
@@ -401,7 +498,9 @@ def format_report(report: dict) -> str:
     c = report["config"]
     head = (f"model {c['model']} ({report['model_layers']} layers, {report['trainable_params'] / 1e6:.1f}M trainable), "
             f"B={c['batch']} T={c['seq']} V={c['target']}, {c['dtype']}, {c['device']} "
-            f"({report['machine']['threads']} threads), frac {c['frac']}, {c['reps']} timed reps after "
+            f"({report['machine']['threads']} threads), frac {c['frac']}, target {c.get('target_strategy', 'merged')}"
+            + (f" (refresh every {c['refresh_every']})" if c.get("target_strategy") == "separate" else "")
+            + f", {c['reps']} timed reps after "
             f"{c['warmup']} warm-up, variants alternated; memory = {report['memory_kind']}")
     lines = [head, "", "| variant | median s | ratio to plain (min-max) | peak MB | memory ratio | back-ends (layers) |",
              "|---|---|---|---|---|---|"]
@@ -431,7 +530,19 @@ def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     c = report["config"]
     stem = f"bench-B{c['batch']}-T{c['seq']}-V{c['target']}-{c['dtype']}-{c['device'].replace(':', '')}"
+    if c.get("target_strategy") == "separate":
+        stem += f"-separate{c['refresh_every']}"
     md, js = out / f"{stem}.md", out / f"{stem}.json"
     md.write_text(format_report(report) + "\n")
     js.write_text(json.dumps(report, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
     return md, js
+
+
+if __name__ == "__main__":  # the memory subprocess of run_bench: JSON in on stdin, JSON out on stdout
+    import sys
+
+    if sys.argv[1:] != ["--memory-child"]:
+        raise SystemExit("usage: python -m drpost.bench --memory-child  (internal; use `drpost bench`)")
+    _req = json.loads(sys.stdin.read())
+    _cfg = BenchConfig(**_req["cfg"])
+    print(json.dumps(_memory_child(_cfg, _req["key"])))

@@ -90,7 +90,8 @@ def _bench(args: argparse.Namespace) -> int:
                       breakdown_reps=args.breakdown_reps,
                       configs=[c.strip() for c in args.configs.split(",") if c.strip()], naive=not args.no_naive,
                       frac=args.frac, sketch=args.sketch, freeze_embeddings=args.freeze_embeddings,
-                      threads=args.threads)
+                      threads=args.threads, memory=args.memory, target_strategy=args.target_strategy,
+                      refresh_every=args.refresh_every)
     report = run_bench(cfg, progress=not args.no_progress)
     md, js = write_report(report, args.out)
     print("\n" + format_report(report) + f"\n\nwritten: {md}, {js}")
@@ -116,6 +117,13 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sketch", default="gaussian-64x64", help="sketch of the sketch back-end")
     p.add_argument("--freeze-embeddings", action="store_true", help="freeze the (tied) embedding")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--target-strategy", default="merged", choices=("merged", "separate"),
+                   help="merged: target rows in every step's forward/backward; separate: captured first and "
+                        "cached for --refresh-every steps")
+    p.add_argument("--refresh-every", type=int, default=1, help="steps between target captures (separate)")
+    p.add_argument("--memory", default="auto", choices=("auto", "subprocess", "inprocess", "off"),
+                   help="peak memory: auto = a fresh process per variant on CPU (one warm-up + one measured "
+                        "step; RSS peaks are not separable in one process), the allocator peak on CUDA")
     p.add_argument("--out", default="runs/bench", help="directory of the Markdown and JSON reports")
     p.add_argument("--no-progress", action="store_true")
 

@@ -302,10 +302,12 @@ class DataRegularizer:
 
     def attach(self) -> None:
         """Put the hooks back after :meth:`detach` (a no-op while attached). The groups are rebuilt
-        from the model's current trainable parameters; the selection RNG is kept."""
+        from the model's current trainable parameters; the selection RNG is kept. A cached target
+        gradient (``target_strategy="separate"``) lived in the old groups: the next step recaptures it."""
         if self._handles or not self._uses_hooks():
             return
         self._groups, self._row_rules = [], []
+        self._steps_since_capture = None
         self._attach()
 
     def detach(self) -> None:

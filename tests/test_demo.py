@@ -124,3 +124,36 @@ def test_verdict_never_claims_a_win_from_noise_or_disagreeing_metrics():
     assert "better on both metrics" in _verdict(-1.5, -0.06, 0.03)
     assert "one seed" in _verdict(-1.5, -0.06, 0.03)
     assert "worse on perplexity" in _verdict(1.5, 0.06, None)
+
+
+def test_demo_under_torchrun_matches_one_process(tmp_path):
+    """`drpost demo --nproc 2` relaunches itself under torchrun; each rank trains on half of every
+    general batch and the run gives what one process gives (fp32: no autocast)."""
+    common = ["demo", "--steps", "2", "--num-layers", "1", "--n-test", "4", "--n-general", "40",
+              "--eval-every", "0", "--max-length", "48", "--no-rouge", "--no-autocast",
+              "--methods", "standard,layerwise"]
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        assert cli.main(common + ["--nproc", str(n), "--out", str(out)]) == 0
+        (run,) = list(out.glob("demo-*"))
+        runs[n] = json.loads((run / "metrics.json").read_text())
+    assert runs[2]["environment"]["processes"] == 2 and runs[1]["environment"]["processes"] == 1
+    for method in ("standard", "layerwise"):
+        one, two = runs[1]["results"][method], runs[2]["results"][method]
+        assert two["test_ppl_final"] == pytest.approx(one["test_ppl_final"], rel=1e-4), method
+        assert two["test_ppl_final"] != pytest.approx(runs[2]["base"]["test_ppl"], rel=1e-6)  # it trained
+        for h1, h2 in zip(one["history"], two["history"]):
+            assert h2["batch_rows"] == h1["batch_rows"] == 8
+            if method == "layerwise":  # the same (layer, row) pairs kept, gathered from both ranks
+                assert h2["chosen_picks"] == h1["chosen_picks"] == 4 * 7
+                assert h2["chosen_headline_picks"] == h1["chosen_headline_picks"]
+
+
+def test_demo_nproc_must_divide_the_batch(tmp_path, capsys):
+    with pytest.raises(ValueError, match="split evenly"):
+        from drpost.demo import DemoConfig, check_config
+
+        check_config(DemoConfig(), world=3)
+    assert cli.main(["demo", "--nproc", "0", "--out", str(tmp_path)]) == 2
+    assert "--nproc must be >= 1" in capsys.readouterr().err

@@ -14,8 +14,36 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 def _demo(args: argparse.Namespace) -> int:
     from drpost.demo import config_from_args, run_demo
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.nproc < 1:
+        print(f"drpost demo: error: --nproc must be >= 1, got {args.nproc}", file=sys.stderr)
+        return 2
+    if args.nproc > 1 and world == 1:
+        return _torchrun(args.nproc, args.argv)
+    if world > 1 and args.nproc not in (1, world):
+        print(f"drpost demo: error: --nproc {args.nproc} but torchrun started {world} processes", file=sys.stderr)
+        return 2
     run_demo(config_from_args(args))
     return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this very command again under ``torchrun --standalone`` with ``nproc`` processes on this machine
+    (for several machines call torchrun yourself: see the README)."""
+    import subprocess
+
+    rest, i = [], 0
+    while i < len(argv):  # drop --nproc (torchrun's own parser would take it for --nproc-per-node)
+        if argv[i] == "--nproc":
+            i += 2
+            continue
+        if not argv[i].startswith("--nproc="):
+            rest.append(argv[i])
+        i += 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "drpost.cli", *rest]
+    print("drpost: launching " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    return subprocess.call(cmd)
 
 
 _TRAIN_FLAGS = {"--resume": "resume", "--overwrite": "overwrite", "--no-progress": "no_progress"}
@@ -240,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

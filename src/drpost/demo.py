@@ -113,6 +113,55 @@ class DemoConfig:
 
 
 # ---------------------------------------------------------------------------------- helpers
+class _Ranks:
+    """This process's place under ``torchrun`` (rank 0 of 1 without it)."""
+
+    def __init__(self):
+        import os
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group(backend="gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj):
+        """rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_masks(self, masks: dict) -> dict:
+        """Every rank's local selection masks ([b] or [b, out] per layer) -> the whole batch's."""
+        if self.world == 1 or not masks:
+            return masks
+        import torch.distributed as dist
+
+        names = sorted(masks)
+        flat = [masks[n].detach().to("cpu", torch.uint8).reshape(masks[n].shape[0], -1) for n in names]
+        local = torch.cat(flat, dim=1).contiguous()
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local)
+        full = torch.cat(out, dim=0)
+        res, col = {}, 0
+        for n, f in zip(names, flat):
+            m = full[:, col:col + f.shape[1]].bool()
+            res[n] = m.reshape((full.shape[0],) + tuple(masks[n].shape[1:]))
+            col += f.shape[1]
+        return res
+
+
 def _autocast(model, enabled: bool):
     if not enabled:
         return nullcontext()
@@ -202,8 +251,15 @@ class _SelectionLog:
 
 
 # ---------------------------------------------------------------------------------- training
-def _train_one(method: str, cfg: DemoConfig, data: dict, base: dict, pad_id: int, tok) -> dict:
-    """Fine-tune a fresh copy of the model with one method; returns its metrics."""
+def _train_one(method: str, cfg: DemoConfig, data: dict, base: dict, pad_id: int, tok,
+               ranks: _Ranks | None = None) -> dict:
+    """Fine-tune a fresh copy of the model with one method; returns its metrics.
+
+    Under ``torchrun`` every rank trains on its contiguous shard of each general batch (rank 0 passes
+    the target rows, drpost gathers them); the update is that of one process on the whole batch.
+    Rank 0 alone evaluates and reports."""
+    ranks = ranks or _Ranks()
+    shard = cfg.batch_size // ranks.world
     from drpost import DataRegularizer
 
     torch.manual_seed(cfg.seed)
@@ -226,7 +282,8 @@ def _train_one(method: str, cfg: DemoConfig, data: dict, base: dict, pad_id: int
     curve = [{"step": 0, "test_ppl": base["test_ppl"]}]
     history, step_seconds = [], []
     eval_seconds = 0.0
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {method}", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {method}", unit="step", dynamic_ncols=True,
+               disable=not ranks.main)
     for step in bar:
         rows = [order[((step - 1) * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
         gen_rows = [general[r] for r in rows]
@@ -237,8 +294,8 @@ def _train_one(method: str, cfg: DemoConfig, data: dict, base: dict, pad_id: int
             t_idx, target_order = target_order[:n_t], target_order[n_t:]
         else:  # cycle through the target set in order, target_rows per step
             t_idx = [((step - 1) * cfg.target_rows + j) % len(target) for j in range(cfg.target_rows)]
-        gb = collate(gen_rows, pad_id)
-        tb = collate([target[i] for i in t_idx], pad_id)
+        gb = collate(gen_rows[ranks.rank * shard:(ranks.rank + 1) * shard], pad_id)
+        tb = collate([target[i] for i in t_idx], pad_id) if ranks.main else None
 
         t0 = time.perf_counter()
         with _autocast(model, cfg.autocast):
@@ -260,12 +317,13 @@ def _train_one(method: str, cfg: DemoConfig, data: dict, base: dict, pad_id: int
                           chosen_headline_share=n_head / len(gen_rows),
                           headline_pick_rate=1.0 if n_head else None)
         elif selects:
-            record.update(log.record(step, reg.last_masks, is_head, keep_masks=step <= 10))
+            masks = ranks.gather_masks(reg.last_masks)
+            record.update(log.record(step, masks, is_head, keep_masks=step <= 10))
         history.append(record)
 
         loss = record.get("target_loss") if method == "target_only" else record.get("general_loss")
         post = {"loss": f"{loss:.3f}" if loss is not None else "-", "s/step": f"{step_seconds[-1]:.1f}"}
-        if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
+        if ranks.main and (cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps):
             t1 = time.perf_counter()
             ppl = _test_ppl(model, test, cfg, pad_id, desc=f"test ppl @{step}")
             eval_seconds += time.perf_counter() - t1
@@ -309,7 +367,7 @@ def _train_one(method: str, cfg: DemoConfig, data: dict, base: dict, pad_id: int
             result["example_mask"] = {"step": step, "kinds": history[step - 1]["batch_kinds"],
                                       "modules": log.modules, "mask": log.masks[step]}
 
-    if cfg.rouge:
+    if cfg.rouge and ranks.main:
         t1 = time.perf_counter()
         result["rougeL"], result["headlines"] = _headlines(model, tok, data["test_messages"], cfg, f"ROUGE {method}")
         result["seconds_eval_rouge"] = time.perf_counter() - t1
@@ -438,7 +496,10 @@ def _jsonable(obj):
 
 
 # ---------------------------------------------------------------------------------- main
-def check_config(cfg: DemoConfig) -> None:
+def check_config(cfg: DemoConfig, world: int = 1) -> None:
+    if world > 1 and cfg.batch_size % world:
+        raise ValueError(f"the general batch ({cfg.batch_size} rows) must split evenly over the {world} processes: "
+                         "choose --nproc dividing it")
     unknown = [m for m in cfg.methods if m not in KNOWN_METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(KNOWN_METHODS)}")
@@ -456,13 +517,16 @@ def check_config(cfg: DemoConfig) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; print the comparison table; write and return the metrics."""
-    check_config(cfg)
+    ranks = _Ranks()
+    check_config(cfg, ranks.world)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    run_dir = _run_dir(cfg.out)
+    run_dir = Path(ranks.broadcast(str(_run_dir(cfg.out)) if ranks.main else None))
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
-    (run_dir / "config.json").write_text(json.dumps(
-        {**config, "torch_threads": torch.get_num_threads(), "command": "drpost demo"}, indent=2))
+    if ranks.main:
+        (run_dir / "config.json").write_text(json.dumps(
+            {**config, "torch_threads": torch.get_num_threads(), "processes": ranks.world, "command": "drpost demo"},
+            indent=2))
 
     splits = headline_splits(n_target=cfg.n_target, n_test=cfg.n_test, n_general=cfg.n_general, seed=cfg.seed,
                              headline_frac=cfg.headline_frac)
@@ -474,23 +538,30 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     data["test_messages"] = splits.test
     n_layers = model.config.num_hidden_layers
-    print(
+    say = print if ranks.main else (lambda *a, **k: None)
+    say(
         f"drpost demo: {cfg.model} ({n_layers} layers), target = BBC tech headlines "
         f"({len(data['target'])} train / {len(data['test'])} test), general pool {len(data['general'])} "
         f"{splits.summary()['general_kinds']}, methods {', '.join(cfg.methods)}: {cfg.steps} steps x "
-        f"{cfg.batch_size} general rows, lr {cfg.lr:g}, seed {cfg.seed}, run dir {run_dir}",
+        f"{cfg.batch_size} general rows" + (f" over {ranks.world} processes" if ranks.world > 1 else "")
+        + f", lr {cfg.lr:g}, seed {cfg.seed}, run dir {run_dir}",
         flush=True,
     )
-    base = {"test_ppl": _test_ppl(model, data["test"], cfg, pad_id, desc="test ppl base")}
-    if cfg.rouge:
-        base["rougeL"], base["headlines"] = _headlines(model, tok, splits.test, cfg, "ROUGE base")
-    print(f"base model: test perplexity {base['test_ppl']:.2f}"
-          + (f", ROUGE-L {base['rougeL']:.3f}" if cfg.rouge else ""), flush=True)
+    base = None
+    if ranks.main:
+        base = {"test_ppl": _test_ppl(model, data["test"], cfg, pad_id, desc="test ppl base")}
+        if cfg.rouge:
+            base["rougeL"], base["headlines"] = _headlines(model, tok, splits.test, cfg, "ROUGE base")
+        print(f"base model: test perplexity {base['test_ppl']:.2f}"
+              + (f", ROUGE-L {base['rougeL']:.3f}" if cfg.rouge else ""), flush=True)
+    base = ranks.broadcast(base)
     del model
 
     results = {}
     for method in cfg.methods:
-        results[method] = _train_one(method, cfg, data, base, pad_id, tok)
+        results[method] = _train_one(method, cfg, data, base, pad_id, tok, ranks)
+    if not ranks.main:  # rank 0 evaluates and writes; the others' work ends with the last step
+        return {"rank": ranks.rank, "run_dir": str(run_dir)}
 
     metrics = {
         "config": config,
@@ -504,6 +575,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "machine": platform.machine(),
+            "processes": ranks.world,
         },
     }
     from drpost.plots import plot_demo
@@ -590,6 +662,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--autocast", action=argparse.BooleanOptionalAction, default=d.autocast,
         help="bf16 autocast for training and evaluation (default on)",
     )
+    p.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes (launches itself under torchrun; each process trains on "
+                        "batch_size / nproc general rows per step, same update as one process; default 1)")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:

@@ -130,3 +130,24 @@ def test_disk_full_while_saving_is_a_clear_error(tmp_path, monkeypatch, capsys):
                  *QUIET]) == 2
     err = capsys.readouterr().err
     assert "ran out of disk space while saving" in err and "train.save_total_limit" in err and "--resume" in err
+
+
+def test_train_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 -m drpost.cli train` with 2 rows per rank trains like one process
+    with 4 rows; rank 0 alone writes the run directory (one TensorBoard writer, one metrics.json)."""
+    common = ["train", TINY, "--train.steps", "2", "--train.bf16", "false", "--train.save_steps", "0",
+              "--train.eval_every", "0", "--eval.n_test", "2", "--eval.max_new_tokens", "4", *QUIET]
+    assert main(common + ["--train.batch_size", "4", "--output_dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "drpost.cli", *common, "--train.batch_size", "2", "--output_dir", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "tiny_test" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "tiny_test" / "metrics.json").read_text())
+    assert two["final"]["test_ppl"] == pytest.approx(one["final"]["test_ppl"], rel=1e-4)
+    assert two["final"]["test_ppl"] != pytest.approx(two["start"]["ppl"] if two["start"] else 0.0, rel=1e-6)
+    losses = [[h["loss"] for h in m["history"]["train"]] for m in (one, two)]
+    assert len(losses[1]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert len(list((tmp_path / "two" / "tiny_test" / "tensorboard").glob("events.*"))) == 1
+    assert proc.stdout.count("drpost train:") == 1  # the banner from rank 0 only

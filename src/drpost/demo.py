@@ -68,6 +68,7 @@ from tqdm.auto import tqdm
 
 from drpost.data import collate, headline_splits, tokenize_examples
 from drpost.evaluation import generate, perplexity, rouge
+from drpost.distributed import LaunchRanks
 from drpost.models import load_model
 
 __all__ = ["DemoConfig", "run_demo", "add_demo_arguments", "config_from_args", "METHODS", "KNOWN_METHODS"]
@@ -113,55 +114,6 @@ class DemoConfig:
 
 
 # ---------------------------------------------------------------------------------- helpers
-class _Ranks:
-    """This process's place under ``torchrun`` (rank 0 of 1 without it)."""
-
-    def __init__(self):
-        import os
-
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = 0
-        if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group(backend="gloo")
-            self.rank, self.world = dist.get_rank(), dist.get_world_size()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def broadcast(self, obj):
-        """rank 0's ``obj`` on every rank."""
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather_masks(self, masks: dict) -> dict:
-        """Every rank's local selection masks ([b] or [b, out] per layer) -> the whole batch's."""
-        if self.world == 1 or not masks:
-            return masks
-        import torch.distributed as dist
-
-        names = sorted(masks)
-        flat = [masks[n].detach().to("cpu", torch.uint8).reshape(masks[n].shape[0], -1) for n in names]
-        local = torch.cat(flat, dim=1).contiguous()
-        out = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(out, local)
-        full = torch.cat(out, dim=0)
-        res, col = {}, 0
-        for n, f in zip(names, flat):
-            m = full[:, col:col + f.shape[1]].bool()
-            res[n] = m.reshape((full.shape[0],) + tuple(masks[n].shape[1:]))
-            col += f.shape[1]
-        return res
-
-
 def _autocast(model, enabled: bool):
     if not enabled:
         return nullcontext()
@@ -252,13 +204,13 @@ class _SelectionLog:
 
 # ---------------------------------------------------------------------------------- training
 def _train_one(method: str, cfg: DemoConfig, data: dict, base: dict, pad_id: int, tok,
-               ranks: _Ranks | None = None) -> dict:
+               ranks: LaunchRanks | None = None) -> dict:
     """Fine-tune a fresh copy of the model with one method; returns its metrics.
 
     Under ``torchrun`` every rank trains on its contiguous shard of each general batch (rank 0 passes
     the target rows, drpost gathers them); the update is that of one process on the whole batch.
     Rank 0 alone evaluates and reports."""
-    ranks = ranks or _Ranks()
+    ranks = ranks or LaunchRanks()
     shard = cfg.batch_size // ranks.world
     from drpost import DataRegularizer
 
@@ -517,7 +469,7 @@ def check_config(cfg: DemoConfig, world: int = 1) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; print the comparison table; write and return the metrics."""
-    ranks = _Ranks()
+    ranks = LaunchRanks()
     check_config(cfg, ranks.world)
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)

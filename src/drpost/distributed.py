@@ -214,3 +214,53 @@ def _all_reduce_buckets(ctx: DistContext, tensors: list, bucket_bytes: int) -> N
         bucket.append(t)
         size += nbytes
     flush()
+
+
+class LaunchRanks:
+    """This process's place in a ``torchrun`` launch (rank 0 of 1 without one), for the recipes.
+
+    Under torchrun (``WORLD_SIZE`` > 1) it initialises the default process group if nobody has
+    (gloo on CPU, NCCL when CUDA is available); the engine's collectives then run on it."""
+
+    def __init__(self):
+        import os
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = 0
+        if self.world > 1:
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def broadcast(self, obj):
+        """rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_masks(self, masks: dict) -> dict:
+        """Every rank's local selection masks ([b] or [b, out] per layer) -> the whole batch's."""
+        if self.world == 1 or not masks:
+            return masks
+        names = sorted(masks)
+        flat = [masks[n].detach().to(torch.uint8).reshape(masks[n].shape[0], -1) for n in names]
+        local = torch.cat(flat, dim=1).contiguous()
+        out = [torch.empty_like(local) for _ in range(self.world)]
+        dist.all_gather(out, local)
+        full = torch.cat(out, dim=0).cpu()
+        res, col = {}, 0
+        for n, f in zip(names, flat):
+            m = full[:, col:col + f.shape[1]].bool()
+            res[n] = m.reshape((full.shape[0],) + tuple(masks[n].shape[1:]))
+            col += f.shape[1]
+        return res

@@ -50,6 +50,7 @@ from transformers import TrainerCallback
 from drpost.config import Config, config_to_dict, load_config, save_config
 from drpost.data.chat import collate
 from drpost.data.splits import SFTData, build_sft_data
+from drpost.distributed import LaunchRanks
 from drpost.evaluation import generate, perplexity
 from drpost.evaluation.metrics import generation_scores
 from drpost.integrations import DrPostArguments, DrPostTrainer
@@ -84,9 +85,16 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
         overwrite: delete an existing run directory first (otherwise an existing, non-empty run
             directory is an error unless ``resume``).
         progress: progress bars (training, evaluation, generation).
+
+    Under ``torchrun`` every rank trains on its shard of each general batch (``train.batch_size`` rows
+    per rank) with one global selection (drpost.distributed); rank 0 alone creates the run directory,
+    writes TensorBoard logs, generates for the final evaluation and writes the outputs (checkpoints
+    are written by the Hugging Face trainer's main process). Other ranks return ``{"rank": r}``.
     """
     t_start = time.perf_counter()
-    _check_run_dir(cfg, resume, overwrite)  # fail fast, before any loading
+    ranks = LaunchRanks()
+    _check_run_dir(cfg, resume, overwrite)  # fail fast, before any loading (every rank, before any writes)
+    ranks.barrier()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     from transformers import set_seed
@@ -98,20 +106,25 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
                                   attn_implementation=cfg.model.attn_implementation)
     data = build_sft_data(cfg, tokenizer)
     model = _prepare_trainable(model, cfg)
-    run_dir = _make_run_dir(cfg, resume, overwrite)
-    save_config(cfg, run_dir / "config.yaml")
+    run_dir = cfg.run_dir
+    if ranks.main:
+        _make_run_dir(cfg, resume, overwrite)
+        save_config(cfg, run_dir / "config.yaml")
+    ranks.barrier()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     info = _task_eval_settings(cfg, data)
-    print(f"drpost train: {cfg.model.name} ({'LoRA r=%d' % cfg.train.lora_r if cfg.train.lora_r else 'full FT'}, "
+    say = print if ranks.main else (lambda *a, **k: None)
+    say(f"drpost train: {cfg.model.name} ({'LoRA r=%d' % cfg.train.lora_r if cfg.train.lora_r else 'full FT'}, "
           f"{n_trainable / 1e6:.1f}M of {n_total / 1e6:.1f}M parameters trainable), target {data.stats['target_task']} "
           f"({len(data.target)} rows, {len(data.test)} test), general pool {len(data.general)} "
           f"{data.stats['general_kinds']}, feasible_set={cfg.drpost.feasible_set} frac={cfg.drpost.frac}, "
-          f"{cfg.train.steps} steps -> {run_dir}", flush=True)
+          f"{cfg.train.steps} steps" + (f" on {ranks.world} processes" if ranks.world > 1 else "")
+        + f" -> {run_dir}", flush=True)
 
     # ---- trainer
     test_eval = data.test if info["n_test"] >= len(data.test) else data.test.select(range(info["n_test"]))
-    trainer, timer = _build_trainer(cfg, model, tokenizer, data, test_eval, run_dir, resume, progress)
+    trainer, timer = _build_trainer(cfg, model, tokenizer, data, test_eval, run_dir, resume, progress, ranks)
     checkpoint = _last_checkpoint(run_dir) if resume else None
     try:
         with _clear_disk_errors(run_dir):
@@ -119,14 +132,16 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
         history = trainer.state.log_history
         if not any(h.get("step") == trainer.state.global_step and "eval_ppl" in h for h in history):
             trainer.evaluate()  # the final perplexity, at the final step
+        if cfg.train.save_final:  # every rank calls it; the trainer writes on the main process only
+            with _clear_disk_errors(run_dir):
+                trainer.save_model(str(run_dir / "final"))
+        if not ranks.main:
+            return {"rank": ranks.rank, "run_dir": str(run_dir)}
         final = evaluate_model(trainer.model, tokenizer, data, cfg, n_test=info["n_test"], progress=progress,
                                perplexity_too=False)
         ppl_logs = [h for h in trainer.state.log_history if "eval_ppl" in h]
         final.update(test_loss=ppl_logs[-1]["eval_loss"], test_ppl=ppl_logs[-1]["eval_ppl"],
                      test_tokens=ppl_logs[-1].get("eval_tokens"), step=trainer.state.global_step)
-        if cfg.train.save_final:
-            with _clear_disk_errors(run_dir):
-                trainer.save_model(str(run_dir / "final"))
         log_history = list(trainer.state.log_history)
     finally:
         if trainer.regularizer is not None:
@@ -278,7 +293,7 @@ class _SFTTrainer(DrPostTrainer):
 
 
 def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_dir: Path, resume: bool,
-                   progress: bool):
+                   progress: bool, ranks: LaunchRanks | None = None):
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
@@ -297,6 +312,7 @@ def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_
         max_grad_norm=t.max_grad_norm,
         bf16=t.bf16,
         use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if ranks is not None and ranks.world > 1 and not torch.cuda.is_available() else None,
         seed=t.seed,
         data_seed=t.seed,
         logging_strategy="steps",
@@ -327,12 +343,14 @@ def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_
     )
     optimizers = (_meso(cfg, model), None) if t.optimizer == "meso" else (None, None)
     timer = _StepTimer()
-    tb = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard")))
+    callbacks = [timer]
+    if ranks is None or ranks.main:  # one writer: the ranks' logs are the same
+        callbacks.insert(0, TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
     trainer = _SFTTrainer(
         model=model, args=args, train_dataset=data.general, eval_dataset=test_eval, target_dataset=data.target,
         data_collator=_collator(tokenizer, data.target[0]["kind"] if len(data.target) else None),
         processing_class=tokenizer,
-        callbacks=[tb, timer], eval_batch_size=cfg.eval.batch_size, autocast_dtype=_autocast_dtype(cfg),
+        callbacks=callbacks, eval_batch_size=cfg.eval.batch_size, autocast_dtype=_autocast_dtype(cfg),
         optimizers=optimizers)
     return trainer, timer
 

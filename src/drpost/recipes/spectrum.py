@@ -32,6 +32,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -93,6 +94,9 @@ def run_spectrum(cfg: Config, resume: bool = False, overwrite: bool = False, pro
     from tqdm.auto import tqdm
 
     out = cfg.run_dir
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RunDirError("drpost spectrum runs in one process; under torchrun launch its points one by one with "
+                          "`torchrun ... drpost train CONFIG --drpost.feasible_set X --run_name Y`")
     if resume and overwrite:
         raise RunDirError("resume and overwrite exclude each other")
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):

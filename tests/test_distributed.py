@@ -413,3 +413,26 @@ def test_single_process_is_untouched():
     assert DataRegularizer(model())._dist is None
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         DataRegularizer(model(), distributed=True)
+
+
+def test_fsdp2_model_is_refused_with_the_reason(tmp_path):
+    """FSDP2 (fully_shard, CPU mesh of one gloo rank): a clear error instead of silently wrong gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from drpost import DataRegularizer
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = mt.llama(num_layers=1)
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        for target in (model, model.model.layers[0]):
+            with pytest.raises(ValueError, match="does not support FSDP.*reduce-scatters.*plain torchrun"):
+                DataRegularizer(target, feasible_set="layerwise")
+    finally:
+        dist.destroy_process_group()

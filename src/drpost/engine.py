@@ -154,6 +154,8 @@ class DataRegularizer:
                              "(ddp_model.module). drpost all-reduces the chosen gradients itself after its "
                              "backward, which DDP's reducer never sees (the scored layers' gradients are "
                              "written by drpost, not by autograd)")
+        if _dist.is_fsdp(model):
+            raise ValueError(_dist.FSDP_UNSUPPORTED)
         if feasible_set not in fs.FEASIBLE_SETS:
             raise ValueError(f"unknown feasible_set {feasible_set!r}; choose one of {', '.join(fs.FEASIBLE_SETS)}")
         fs.check_frac(frac)

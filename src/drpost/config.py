@@ -124,6 +124,7 @@ class TrainConfig:
     save_steps: int = 0  # checkpoint every N steps (0: none; needed for --resume)
     save_total_limit: Optional[int] = 1  # keep the last N checkpoints
     save_final: bool = True  # write the final weights (or LoRA adapter) to <run dir>/final
+    log_selections: bool = False  # write <run dir>/selections.jsonl: chosen samples per layer and step
     logging_steps: int = 1
     seed: int = 0
     threads: Optional[int] = None  # torch.set_num_threads (None: leave as is)

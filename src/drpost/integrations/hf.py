@@ -78,14 +78,20 @@ the engine with a clear error):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import checkpoint as ckpt
 from .. import feasible as fs
 from ..batch import IGNORE_INDEX
 from ..engine import NONFINITE, SCORE_NORMS, TARGET_STRATEGIES, DataRegularizer
@@ -152,6 +158,12 @@ class DrPostArguments(TrainingArguments):
     greedy_lr: float = field(
         default=1e-4,
         metadata={"help": "Step size weighing the second-order term of feasible_set='greedy'."})
+    selection_log: str | None = field(
+        default=None,
+        metadata={"help": "Path of a JSON-lines file that gets, per optimisation step (main process), the "
+                          "samples each layer chose (per micro-batch) and a SHA-256 digest of all selection "
+                          "masks; on resume the lines after the checkpoint's step are dropped, so an "
+                          "interrupted and resumed run writes the same file as an uninterrupted one."})
 
     def __post_init__(self):
         def one_of(name, allowed):
@@ -351,6 +363,7 @@ class DrPostTrainer(Trainer):
         self._micro: list = []
         self._metrics: dict = {}
         self._skipped_in_interval = 0
+        self._selection_micro: list = []
 
     # ------------------------------------------------------------------ the step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -381,6 +394,8 @@ class DrPostTrainer(Trainer):
         with self.compute_loss_context_manager():
             stats = reg.backward(inputs, self._target_batch, finalize=finalize)
         self._record(stats, finalize)
+        if self.args.selection_log:
+            self._log_selection(reg, stats, finalize)
         if finalize:
             self._target_batch = None
         if self._step_tokens is not None:
@@ -416,6 +431,47 @@ class DrPostTrainer(Trainer):
             total, n = self._metrics.get(name, (0.0, 0))
             self._metrics[name] = (total + value.detach().float(), n + 1)
 
+    def _log_selection(self, reg, stats, finalize: bool) -> None:
+        """Append this micro-batch's selection; at the step's end write the step's line (main process)."""
+        masks = {k: m.detach().to("cpu") for k, m in sorted(reg.last_masks.items())}
+        self._selection_micro.append(masks)
+        if not finalize:
+            return
+        micro, self._selection_micro = self._selection_micro, []
+        if not self.is_world_process_zero():
+            return
+        digest = hashlib.sha256()
+        chosen = []
+        for masks in micro:
+            for name, m in masks.items():
+                digest.update(name.encode())
+                digest.update(str(tuple(m.shape)).encode())
+                digest.update(m.to(torch.float64).numpy().tobytes())
+            chosen.append({k: m.nonzero().flatten().tolist() for k, m in masks.items() if m.dim() == 1})
+        line = {"step": self.state.global_step + 1, "skipped": bool(stats.skipped), "digest": digest.hexdigest(),
+                "chosen": chosen}
+        with open(self.args.selection_log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+
+    def _truncate_selection_log(self, step: int) -> None:
+        """Keep the lines of steps <= ``step`` (a resumed run rewrites the later ones); drop a torn last line."""
+        path = self.args.selection_log
+        if not path or not self.is_world_process_zero():
+            return
+        kept = []
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        break
+                    if entry.get("step", step + 1) > step:
+                        break
+                    kept.append(json.dumps(entry) + "\n")
+        ckpt.atomic_write_bytes(path, "".join(kept).encode())
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:      # a training log: add the drpost running means of the interval
             for name, (total, n) in self._metrics.items():
@@ -433,10 +489,52 @@ class DrPostTrainer(Trainer):
                 "feasible_set": self.args.feasible_set}
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(folder):
-            torch.save(self.drpost_state_dict(), os.path.join(folder, DRPOST_STATE_NAME))
+        """The stock Trainer's checkpoint, written crash-safely (:mod:`drpost.checkpoint`): every file
+        (model, optimizer, scheduler, RNG states, trainer state, ``drpost_state.pt``) goes into a
+        staging folder, a manifest of checksums is written last, and the folder is renamed to
+        ``checkpoint-N`` in one atomic step; older checkpoints are rotated out only afterwards."""
+        from transformers.trainer_callback import ExportableState
+        from transformers.trainer_utils import SaveStrategy
+
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, name)
+        stage = str(ckpt.staging_dir(final))
+        if self.args.should_save:
+            shutil.rmtree(stage, ignore_errors=True)     # leftovers of an interrupted write
+            os.makedirs(stage, exist_ok=True)
+        self.accelerator.wait_for_everyone()             # no rank writes before the folder is fresh
+        os.makedirs(stage, exist_ok=True)
+        self.save_model(stage, _internal_call=True)
+        if self.args.save_strategy in [SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST] \
+                and self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == self.state.global_step or os.path.exists(best):
+                self.state.best_model_checkpoint = best
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(stage)
+            self._save_scaler(stage)
+            self._save_rng_state(stage)                  # every rank writes its own RNG file
+        if self.args.should_save:
+            for cb in [cb for cb in self.callback_handler.callbacks + [self.control]
+                       if isinstance(cb, ExportableState)]:
+                cb_name, cb_state = cb.__class__.__name__, cb.state()
+                if isinstance(self.state.stateful_callbacks[cb_name], list):
+                    self.state.stateful_callbacks[cb_name].append(cb_state)
+                else:
+                    self.state.stateful_callbacks[cb_name] = cb_state
+            self.state.save_to_json(os.path.join(stage, TRAINER_STATE_NAME))
+            torch.save(self.drpost_state_dict(), os.path.join(stage, DRPOST_STATE_NAME))
+        self.accelerator.wait_for_everyone()             # every rank's files are in the staging folder
+        if self.args.should_save:
+            ckpt.write_manifest(stage, step=self.state.global_step)
+            ckpt.publish(stage, final)
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(final)
+            ckpt.rotate(run_dir, self.args.save_total_limit, protect=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def _load_drpost_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, DRPOST_STATE_NAME)
@@ -453,9 +551,37 @@ class DrPostTrainer(Trainer):
               **kwargs):
         self._reset_run_state()
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)   # None: the Trainer raises its own error
+        if checkpoint is True:      # the newest checkpoint whose manifest verifies (broken ones are reported)
+            found = ckpt.last_valid_checkpoint(self.args.output_dir, report=_report)
+            if found is None:
+                raise ckpt.CheckpointError(f"resume_from_checkpoint=True but {self.args.output_dir} has no complete "
+                                           "checkpoint-N folder to resume from")
+            checkpoint = str(found)
         if isinstance(checkpoint, (str, os.PathLike)):
-            self._load_drpost_state(os.fspath(checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+            checkpoint = os.fspath(checkpoint)
+            if os.path.isfile(os.path.join(checkpoint, ckpt.MANIFEST_NAME)):
+                ckpt.check(checkpoint)
+            elif os.path.isdir(checkpoint):
+                warnings.warn(f"{checkpoint} has no {ckpt.MANIFEST_NAME} (not written by this drpost version): its "
+                              "files cannot be verified", stacklevel=2)
+            self._load_drpost_state(checkpoint)
+        self._truncate_selection_log(_checkpoint_step(checkpoint))
+        if self.args.should_save and self.args.save_strategy != "no":
+            ckpt.clear_staging(self.args.output_dir)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+
+def _report(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _checkpoint_step(checkpoint) -> int:
+    """The global step a resumed run starts from (0 for a fresh run)."""
+    if not isinstance(checkpoint, str):
+        return 0
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return int(json.load(f).get("global_step", 0))
+    return ckpt.step_of(checkpoint) or 0

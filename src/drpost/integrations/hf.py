@@ -94,7 +94,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .. import checkpoint as ckpt
 from .. import feasible as fs
 from ..batch import IGNORE_INDEX
-from ..engine import NONFINITE, SCORE_NORMS, TARGET_STRATEGIES, DataRegularizer
+from ..engine import NONFINITE, SCORE_NORMS, TARGET_STRATEGIES, DataRegularizer, NonFiniteError
 from ..scoring import BACKENDS, parse_sketch
 
 DRPOST_STATE_NAME = "drpost_state.pt"
@@ -391,8 +391,12 @@ class DrPostTrainer(Trainer):
         if self._target_batch is None:                  # first micro-batch of an optimisation step
             self._target_batch = self._target_batch_for_step()
         finalize = bool(self.accelerator.sync_gradients)  # the Trainer steps the optimizer after this one
-        with self.compute_loss_context_manager():
-            stats = reg.backward(inputs, self._target_batch, finalize=finalize)
+        try:
+            with self.compute_loss_context_manager():
+                stats = reg.backward(inputs, self._target_batch, finalize=finalize)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"training step {self.state.global_step + 1} (global_step "
+                                 f"{self.state.global_step}): {e}") from e
         self._record(stats, finalize)
         if self.args.selection_log:
             self._log_selection(reg, stats, finalize)

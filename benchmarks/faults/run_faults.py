@@ -211,7 +211,7 @@ def run_all(names: list, n_random: int, seed: int, out: Path, log=print) -> list
         log(f"{name}: {'PASS' if rows[-1]['passed'] else 'FAIL'} ({what}) {rows[-1]['detail']}")
     rng = random.Random(seed)
     for i in range(n_random):
-        delay = rng.uniform(0.35 * ref_secs, 0.97 * ref_secs)
+        delay = rng.uniform(0.5 * ref_secs, 1.0 * ref_secs)   # startup takes the first ~40%
         name = f"kill-random-{i + 1} ({delay:.1f} s)"
         rows.append(scenario(f"kill-random-{i + 1}", out, ref, kill_after=delay))
         rows[-1]["scenario"] = name

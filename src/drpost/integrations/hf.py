@@ -484,6 +484,36 @@ class DrPostTrainer(Trainer):
             self._metrics, self._skipped_in_interval = {}, 0
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------ start-up checks
+    def _check_ranks_agree(self, checkpoint) -> None:
+        """Several processes: refuse to start (the same ValueError on every rank, naming the fields)
+        when the ranks were given different data sizes, target rows, drpost options, step budgets or
+        checkpoints, before any step runs: with the Trainer's sharding each rank must hold the same
+        datasets, and the global selection needs the same options everywhere."""
+        from .. import distributed as _dist
+
+        a = self.args
+
+        def fingerprint(data):
+            if data is None:
+                return None
+            n = len(data)
+            picks = sorted({0, n // 2, n - 1}) if n else []
+            return (n, [[int(v) for v in torch.as_tensor(data[i]["input_ids"]).reshape(-1)[:64].tolist()]
+                        for i in picks])
+
+        fields = {
+            "len(train_dataset)": len(self.train_dataset) if self.train_dataset is not None else None,
+            "target_dataset": _dist.short_digest(fingerprint(self.target_dataset)),
+            "drpost options": (a.feasible_set, a.frac, a.scoring, a.target_strategy, a.score_norm, a.scope,
+                               a.sketch, a.refresh_every, a.target_batch_size, a.nonfinite, a.greedy_lr),
+            "seed": a.seed, "max_steps": a.max_steps, "per_device_train_batch_size": a.per_device_train_batch_size,
+            "gradient_accumulation_steps": a.gradient_accumulation_steps,
+            "resume checkpoint": os.path.basename(checkpoint) if isinstance(checkpoint, str) else None,
+        }
+        ctx = _dist.DistContext(None, torch.device(a.device))
+        _dist.check_same_config(ctx, fields)
+
     # ------------------------------------------------------------------ checkpoints
     def drpost_state_dict(self) -> dict:
         reg = self._reg
@@ -572,6 +602,8 @@ class DrPostTrainer(Trainer):
         self._truncate_selection_log(_checkpoint_step(checkpoint))
         if self.args.should_save and self.args.save_strategy != "no":
             ckpt.clear_staging(self.args.output_dir)
+        if self.args.world_size > 1:
+            self._check_ranks_agree(checkpoint)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 

@@ -130,7 +130,8 @@ def outputs(run: Path) -> dict:
 
     metrics = json.loads((run / "metrics.json").read_text())
     final = {k: v for k, v in metrics["final"].items() if k != "generation_seconds"}
-    return {"weights": {k: v.clone() for k, v in load_file(str(run / "final" / "adapter_model.safetensors")).items()},
+    weights = load_file(str(run / "final" / "adapter_model.safetensors"))
+    return {"weights": {k: v.clone() for k, v in weights.items()},
             "selections": (run / "selections.jsonl").read_text(),
             "metrics": {"history": metrics["history"], "final": final, "steps": metrics["steps"]},
             "resumed_from": metrics["resumed_from"]}
@@ -141,7 +142,8 @@ def _same(a: dict, b: dict) -> dict:
 
     weights = a["weights"].keys() == b["weights"].keys() and all(
         torch.equal(a["weights"][k], b["weights"][k]) for k in a["weights"])
-    return {"weights": weights, "selections": a["selections"] == b["selections"], "metrics": a["metrics"] == b["metrics"]}
+    return {"weights": weights, "selections": a["selections"] == b["selections"],
+            "metrics": a["metrics"] == b["metrics"]}
 
 
 def reference(out: Path) -> tuple[dict, float]:

@@ -67,6 +67,25 @@ def _hf_mismatch(rank: int, out: Path) -> dict:
     return {"error": None, "steps": trainer.state.global_step}
 
 
+def _hf_checkpoint(rank: int, out: Path) -> dict:
+    """Both ranks write one staged checkpoint (rank 0 the manifest); every rank's RNG file is in it."""
+    from drpost import checkpoint as ckpt
+    from drpost.integrations import DrPostArguments, DrPostTrainer
+
+    def rows(n, seed):
+        b = mt.make_batch(n, SEQ, seed)
+        return [{k: v[i] for k, v in b.items()} for i in range(n)]
+
+    args = DrPostArguments(output_dir=str(out / "ckpt"), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                           max_steps=2, save_strategy="steps", save_steps=2, disable_tqdm=True,
+                           dataloader_num_workers=0, target_batch_size=2, n_target=4)
+    DrPostTrainer(model=mt.llama(tied=False), args=args, train_dataset=rows(8, 1), target_dataset=rows(8, 2)).train()
+    folder = out / "ckpt" / "checkpoint-2"
+    files = json.loads((folder / ckpt.MANIFEST_NAME).read_text())["files"] if folder.is_dir() else {}
+    return {"problems": ckpt.verify(folder), "files": sorted(files),
+            "hidden": sorted(p.name for p in (out / "ckpt").iterdir() if p.name.startswith("."))}
+
+
 def _worker(out: Path, fault: str) -> None:
     import datetime
 
@@ -79,6 +98,7 @@ def _worker(out: Path, fault: str) -> None:
     try:
         if fault == "crash":
             res["mismatch"] = _hf_mismatch(rank, out)
+            res["checkpoint"] = _hf_checkpoint(rank, out)
         res["fault"] = _engine_steps(rank, fault)
     except Exception:               # noqa: BLE001
         res["crash"] = traceback.format_exc()
@@ -130,10 +150,15 @@ if __name__ == "__main__":
 # the tests (pytest process)
 
 def test_a_killed_rank_ends_the_job_with_a_clear_error(tmp_path):
+    """Also (same launch, before the kill): mismatched datasets refused at start-up, and a staged
+    checkpoint written by two ranks."""
     res, _ = launch(tmp_path, "crash", timeout_env="60")
     mismatch = res["mismatch"]
     assert mismatch["error"] == "ValueError" and mismatch["steps"] == 0, mismatch
     assert "len(train_dataset)" in mismatch["message"] and "rank 0=16, rank 1=18" in mismatch["message"]
+    saved = res["checkpoint"]
+    assert saved["problems"] == [] and saved["hidden"] == [], saved
+    assert {"rng_state_0.pth", "rng_state_1.pth", "drpost_state.pt", "optimizer.pt"} <= set(saved["files"]), saved
     fault = res["fault"]
     assert fault["step"] == 2 and fault["error"] == "DistributedFaultError", fault
     assert "rank 0 of 2" in fault["message"] and "crashed, was killed or hangs" in fault["message"]

@@ -42,7 +42,10 @@ How the pieces map onto the Trainer (transformers 5):
   (seed, epoch, position) and ``DataRegularizer.state_dict()`` (the generator of the ``random``
   feasible set, and with the separate strategy the cached target gradient and its age);
   ``train(resume_from_checkpoint=...)`` restores both, so a resumed run is identical to an
-  uninterrupted one.
+  uninterrupted one. Checkpoints are written crash-safely (:mod:`drpost.checkpoint`: a staging
+  folder, a SHA-256 manifest written last, an atomic rename, rotation afterwards);
+  ``resume_from_checkpoint=True`` takes the newest folder whose manifest verifies and reports the
+  broken ones it skips; a named broken folder raises ``CheckpointError``.
 * **Skipped steps** (``nonfinite="skip"``): the engine sets every ``.grad`` to None, so torch
   optimizers skip every parameter (no moment update, no weight decay, no step count); the LR
   scheduler still advances, as in the stock Trainer. They are counted in ``skipped_steps``.

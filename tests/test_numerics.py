@@ -66,6 +66,21 @@ def test_gradient_overflow_skip_leaves_the_optimizer_idle():
     reg.detach()
 
 
+def test_huge_but_finite_gradients_are_not_mistaken_for_overflow():
+    """The guard looks at max |g|, not at a norm whose square could overflow: a gradient of 1e200
+    (float64) or 1e30 (float32) is finite and the step goes through."""
+    case, *_ = _nan_setup("general_row")
+    general, target = _clean(case)
+    model = case.fresh()
+    big = 1e200 if model.norm.weight.dtype == torch.float64 else 1e30
+    model.norm.weight.register_hook(lambda g: None if g is None else g * big)
+    reg = DataRegularizer(model, feasible_set="layerwise", frac=0.5, nonfinite="error")
+    stats = reg.backward(general, target)
+    assert not stats.skipped and bool(torch.isfinite(model.norm.weight.grad).all())
+    assert float(model.norm.weight.grad.abs().max()) > big / 1e6
+    reg.detach()
+
+
 def test_meso_never_steps_on_a_skipped_step():
     """MeSO behind the engine: a skipped step leaves weights, moments and step counts untouched."""
     from drpost.optim import MeSO

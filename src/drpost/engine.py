@@ -611,12 +611,12 @@ class DataRegularizer:
 
     def _check_grads(self, stats: StepStats) -> None:
         """The last guard before the optimizer: every gradient drpost wrote must be finite (a loss
-        and scores can be finite while an accumulation overflows). One fused norm and one host sync."""
+        and scores can be finite while an accumulation overflows). One fused max-norm and one host sync."""
         params = [p for p in self._trainable if p.grad is not None]
         if not params:
             return
-        norms = torch._foreach_norm([p.grad for p in params])
-        finite = torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
+        norms = torch._foreach_norm([p.grad for p in params], ord=float("inf"))   # max |g|: NaN/inf, no overflow
+        finite = torch.stack([torch.isfinite(n).to(norms[0].device) for n in norms])   # no cast: 1e300 stays finite
         if bool(finite.all()):
             return
         name = self._param_name(params[int((~finite).nonzero()[0, 0])])

@@ -165,8 +165,9 @@ class DrPostArguments(TrainingArguments):
         default=None,
         metadata={"help": "Path of a JSON-lines file that gets, per optimisation step (main process), the "
                           "samples each layer chose (per micro-batch) and a SHA-256 digest of all selection "
-                          "masks; on resume the lines after the checkpoint's step are dropped, so an "
-                          "interrupted and resumed run writes the same file as an uninterrupted one."})
+                          "masks (with several processes: the main process's rows); on resume the lines after "
+                          "the checkpoint's step are dropped, so an interrupted and resumed run writes the "
+                          "same file as an uninterrupted one."})
 
     def __post_init__(self):
         def one_of(name, allowed):

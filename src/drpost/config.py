@@ -480,6 +480,11 @@ def validate(cfg: Config) -> None:
     from drpost.scoring import BACKENDS, parse_sketch
 
     m, d, r, t, e = cfg.model, cfg.data, cfg.drpost, cfg.train, cfg.eval
+    for section, cls in SECTIONS.items():        # inf / nan never make sense as a setting
+        for name in _fields(cls):
+            value = getattr(getattr(cfg, section), name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{section}.{name}' must be a finite number, got {value}")
     _check(bool(m.name), "model.name", "must be 'smollm2' or a local model directory", m.name)
     _check(m.num_layers is None or m.num_layers >= 1, "model.num_layers", "must be >= 1 or null", m.num_layers)
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))

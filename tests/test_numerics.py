@@ -3,6 +3,7 @@ ties between scores are broken the same way every time (issue 7, part 2)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -165,3 +166,19 @@ def test_scores_of_identical_rows_are_bit_identical():
     for name, s in reg.last_scores.items():
         assert bool((s == s[0]).all()) and math.isfinite(float(s[0])), name
     reg.detach()
+
+
+def test_cli_reports_a_nonfinite_step_in_one_line(tmp_path, capsys):
+    """Through `drpost train` (lr 1e30 blows the weights up after step 1): exit code 2 and one line
+    naming the training step, no traceback."""
+    from pathlib import Path
+
+    from drpost.cli import main
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml")
+    code = main(["train", tiny, "--train.lr", "1e30", "--drpost.nonfinite", "error", "--train.save_steps", "0",
+                 "--eval.at_start", "false", "--train.steps", "3", "--output_dir", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert re.search(r"drpost train: error: training step \d \(global_step \d\): non-finite .* loss", err), err
+    assert "Traceback" not in err

@@ -167,6 +167,7 @@ def test_resume_from_checkpoint_is_identical(tmp_path, feasible_set):
         bare = tmp_path / "bare-ckpt"
         shutil.copytree(ckpt, bare)
         os.remove(bare / "drpost_state.pt")
+        os.remove(bare / "drpost_manifest.json")   # a foreign checkpoint: no manifest either (else: corrupted)
         with pytest.warns(UserWarning, match="drpost_state.pt"):
             bare_t, _ = drpost_run(tmp_path, "bare", resume=str(bare), **kw)
         assert any(not torch.equal(full_masks[k], bare_t.regularizer.last_masks[k]) for k in full_masks)

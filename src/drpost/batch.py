@@ -64,6 +64,9 @@ def check_batch(batch, role: str, device: torch.device | None = None) -> dict:
                              "move the batch to the model's device first")
     if ids.shape[0] == 0:
         raise ValueError(f"the {role} batch is empty (0 rows)")
+    if ids.shape[1] < 2:
+        raise ValueError(f"the {role} batch has sequences of length {ids.shape[1]}: a causal LM needs at least 2 "
+                         "positions to supervise a token (labels[:, 1:]); drop empty or one-token examples")
     out = dict(batch)
     out["attention_mask"] = mask
     return out

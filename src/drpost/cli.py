@@ -287,10 +287,13 @@ def _is_user_error(err: Exception) -> bool:
     from drpost.config import ConfigError
     from drpost.data.sources import BadRowError
     from drpost.models import ModelNotAvailableError
+    from drpost.checkpoint import CheckpointError
+    from drpost.distributed import DistributedFaultError
+    from drpost.engine import NonFiniteError
     from drpost.recipes.sft import DiskFullError, RunDirError
 
     if isinstance(err, (ConfigError, BadRowError, ModelNotAvailableError, RunDirError, DiskFullError,
-                        FileNotFoundError)):
+                        FileNotFoundError, CheckpointError, DistributedFaultError, NonFiniteError)):
         return True
     # ValueErrors raised by drpost's own checks (data splits, trainer arguments) name what to fix;
     # one raised deeper (torch, transformers) keeps its traceback.

@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    target: Any = field(default_factory=lambda: {"task": "bbc_headline", "sections": ["tech"]})
+    target: Any = field(default_factory=lambda: {"task": "bbc_headline", "sections": ["tech"]})  # target spec
     n_target: int = 16  # target examples, from the target task's own training split
     test_size: int = 100  # held-out test split of the target task (sources never used elsewhere)
     general: Any = field(default_factory=lambda: [dict(e) for e in DEFAULT_GENERAL])  # mixture of specs
@@ -95,36 +95,37 @@ class DrPostConfig:
     refresh_every: int = 1  # separate strategy: recapture the target gradient every N steps
     score_norm: str = "none"  # none | per_token | cosine
     scope: str = "layer"  # filter/greedy/random: per 'layer' or one 'global' decision
-    sketch: str = "gaussian-64x64"
+    sketch: str = "gaussian-64x64"  # scoring=sketch: 'gaussian-K1xK2' or 'countsketch-K1xK2'
     target_batch_size: int = 2  # target rows per optimisation step
     nonfinite: str = "skip"  # skip | error
-    greedy_lr: float = 1e-4
+    greedy_lr: float = 1e-4  # feasible_set=greedy: step size weighing the second-order term
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 50
-    lr: float = 5e-5
+    steps: int = 50  # optimisation steps
+    lr: float = 5e-5  # peak learning rate
     batch_size: int = 8  # general rows per micro-batch
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimisation step
     bf16: bool = True  # bf16 autocast (fp32 master weights)
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW / MeSO decoupled weight decay
     optimizer: str = "adamw"  # adamw | meso (AdamW with moments in a per-layer sketch space, drpost.optim.MeSO)
     meso_rank: int = 64  # meso: sketch width k of each side of a compressed weight (state k x k per matrix)
     meso_refresh: int = 200  # meso: re-draw the sketches (moment transport) every N steps (0: never)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up steps of the learning rate
     lr_scheduler: str = "constant"  # any transformers SchedulerType
     max_grad_norm: float = 1.0  # 0 = no clipping
     lora_r: int = 0  # 0 = full fine-tuning; > 0 = LoRA of this rank (peft)
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))  # Linear modules given adapters
     freeze_embeddings: bool = True  # freeze the input embedding (and a tied lm_head)
     eval_every: int = 10  # held-out perplexity every N steps (0: only at the start and end)
     save_steps: int = 0  # checkpoint every N steps (0: none; needed for --resume)
     save_total_limit: Optional[int] = 1  # keep the last N checkpoints
     save_final: bool = True  # write the final weights (or LoRA adapter) to <run dir>/final
-    logging_steps: int = 1
+    log_selections: bool = False  # write <run dir>/selections.jsonl: chosen samples per layer and step
+    logging_steps: int = 1  # log the training loss and selection statistics every N steps
     seed: int = 0
     threads: Optional[int] = None  # torch.set_num_threads (None: leave as is)
 
@@ -479,6 +480,11 @@ def validate(cfg: Config) -> None:
     from drpost.scoring import BACKENDS, parse_sketch
 
     m, d, r, t, e = cfg.model, cfg.data, cfg.drpost, cfg.train, cfg.eval
+    for section, cls in SECTIONS.items():        # inf / nan never make sense as a setting
+        for name in _fields(cls):
+            value = getattr(getattr(cfg, section), name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config key '{section}.{name}' must be a finite number, got {value}")
     _check(bool(m.name), "model.name", "must be 'smollm2' or a local model directory", m.name)
     _check(m.num_layers is None or m.num_layers >= 1, "model.num_layers", "must be >= 1 or null", m.num_layers)
     _choice("model.dtype", m.dtype, ("float32", "bfloat16", "float16"))

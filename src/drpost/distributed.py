@@ -29,7 +29,9 @@ data (mismatched configuration, unequal batch sizes, non-finite steps, no superv
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
+import os
 
 import torch
 import torch.distributed as dist
@@ -41,25 +43,72 @@ BUCKET_BYTES = 64 * 2 ** 20      # gradients are all-reduced in flat buckets of 
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
-class DistContext:
-    """The process group drpost's collectives run on, and this process's place in it."""
+TIMEOUT_ENV = "DRPOST_COLLECTIVE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 900.0
 
-    def __init__(self, group, device: torch.device):
+
+class DistributedFaultError(RuntimeError):
+    """A collective failed or timed out: another rank crashed, was killed or hangs."""
+
+
+def collective_timeout() -> float:
+    """Seconds a drpost collective may wait for the other ranks (``DRPOST_COLLECTIVE_TIMEOUT``)."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    if not text:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return value
+
+
+class DistContext:
+    """The process group drpost's collectives run on, and this process's place in it.
+
+    On CPU (gloo) every collective is waited for with a deadline (:func:`collective_timeout`): a
+    rank that crashed makes the others fail at once (the connection drops), a rank that hangs makes
+    them fail after the deadline, both with :class:`DistributedFaultError` naming the collective,
+    instead of blocking the job forever. On CUDA (NCCL) a host-side wait would synchronise every
+    collective, so the process group's own ``timeout`` (``init_process_group(timeout=...)``, NCCL's
+    watchdog) is the bound there."""
+
+    def __init__(self, group, device: torch.device, timeout_s: float | None = None):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.device = device
+        self.timeout_s = collective_timeout() if timeout_s is None else float(timeout_s)
+
+    def _run(self, what: str, start) -> None:
+        try:
+            if self.device.type == "cpu":
+                work = start(True)
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            else:
+                start(False)
+        except RuntimeError as err:
+            timed_out = "timed out" in str(err).lower() or "timeout" in str(err).lower()
+            cause = (f"no answer within {self.timeout_s:g} s" if timed_out
+                     else f"it failed: {str(err).splitlines()[0][:300]}")
+            raise DistributedFaultError(
+                f"drpost rank {self.rank} of {self.world}: the {what} collective did not complete ({cause}). "
+                "Another rank has crashed, was killed or hangs; this rank stops instead of waiting forever. "
+                f"Check the other ranks' logs (the limit is {TIMEOUT_ENV}, in seconds).") from err
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[n, ...] on every rank (same shape everywhere) -> [world * n, ...] in rank order."""
         t = t.contiguous()
         out = torch.empty((self.world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-        _all_gather_single(out, t, group=self.group)
+        self._run("all-gather", lambda async_op: _all_gather_single(out, t, group=self.group, async_op=async_op))
         return out
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place."""
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        self._run("all-reduce", lambda async_op: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group,
+                                                                 async_op=async_op))
         return t
 
     def local_rows(self, full: torch.Tensor, b: int) -> torch.Tensor:

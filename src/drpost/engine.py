@@ -193,6 +193,7 @@ class DataRegularizer:
         self._skip = False
         self._steps_since_capture = None
         self._stats = None
+        self.steps_finalized = 0         # optimisation steps finished by this regularizer (error messages)
         self.last_scores: dict = {}
         self.last_masks: dict = {}
         self.last_global_scores = None   # global scope: summed (normalised) scores and the one subset
@@ -602,9 +603,45 @@ class DataRegularizer:
         try:
             with self._phase("assembly"):
                 self._finalize()
+                if not stats.skipped:
+                    self._check_grads(stats)
         finally:
             self._stats = None
+            self.steps_finalized += 1
         return stats
+
+    def _where(self) -> str:
+        return f"at step {self.steps_finalized + 1} of this DataRegularizer"
+
+    def _check_grads(self, stats: StepStats) -> None:
+        """The last guard before the optimizer: every gradient drpost wrote must be finite (a loss
+        and scores can be finite while an accumulation overflows). One fused L2 norm (a single
+        vectorised read of every gradient) and one host sync; a norm that overflowed although every
+        entry is finite (|g| > ~1e19 in float32) is re-checked entry-wise before anything is refused."""
+        params = [p for p in self._trainable if p.grad is not None]
+        if not params:
+            return
+        norms = torch._foreach_norm([p.grad for p in params])
+        finite = torch.stack([torch.isfinite(n).to(norms[0].device) for n in norms])
+        if bool(finite.all()):
+            return
+        bad = [i for i in (~finite).nonzero().flatten().tolist() if not bool(torch.isfinite(params[i].grad).all())]
+        if not bad:
+            return
+        name = self._param_name(params[bad[0]])
+        for p in self._trainable:
+            p.grad = None
+        if self.nonfinite == "error":
+            raise NonFiniteError(f"non-finite gradient of {name} {self._where()} (loss and scores were finite: an "
+                                 "overflow while assembling the update); lower the learning rate or use float32 / "
+                                 "bf16 instead of float16, or pass nonfinite='skip' to drop such steps")
+        stats.skipped = True
+
+    def _param_name(self, param) -> str:
+        for n, p in self.model.named_parameters():
+            if p is param:
+                return n
+        return "a parameter"
 
     def _exchange(self, general: dict, target: dict | None, needs_target: bool) -> dict | None:
         """Distributed, before the forward: check that every rank has B general rows and, when this
@@ -646,8 +683,9 @@ class DataRegularizer:
             self._bad_loss = self._bad_loss or what
             return True
         if self.nonfinite == "error":
-            raise NonFiniteError(f"non-finite {what} loss ({float(loss.detach())}); check the learning rate, the data "
-                                 "and the precision, or pass nonfinite='skip' to drop such steps")
+            raise NonFiniteError(f"non-finite {what} loss ({float(loss.detach())}) {self._where()}; check the "
+                                 "learning rate, the data and the precision, or pass nonfinite='skip' to drop such "
+                                 "steps")
         self._skip = True
         return False
 
@@ -805,8 +843,8 @@ class DataRegularizer:
                 first = bad[int(flags.nonzero()[0, 0])]
                 if self.nonfinite == "error":
                     self._reset_step()
-                    raise NonFiniteError(f"non-finite scores or target gradient in layer {first.name}; "
-                                         "pass nonfinite='skip' to drop such steps")
+                    raise NonFiniteError(f"non-finite scores or target gradient in layer {first.name} "
+                                         f"{self._where()}; pass nonfinite='skip' to drop such steps")
                 self._skip = True
         if self._skip:
             for p in self._trainable:
@@ -857,7 +895,7 @@ class DataRegularizer:
             what = f"non-finite loss, scores or target gradient on rank(s) {bad_ranks}"
             if self.nonfinite == "error":
                 self._reset_step()
-                raise NonFiniteError(f"{what}; pass nonfinite='skip' to drop such steps")
+                raise NonFiniteError(f"{what} {self._where()}; pass nonfinite='skip' to drop such steps")
             for p in self._trainable:
                 p.grad = None
             stats.skipped = True

@@ -42,7 +42,10 @@ How the pieces map onto the Trainer (transformers 5):
   (seed, epoch, position) and ``DataRegularizer.state_dict()`` (the generator of the ``random``
   feasible set, and with the separate strategy the cached target gradient and its age);
   ``train(resume_from_checkpoint=...)`` restores both, so a resumed run is identical to an
-  uninterrupted one.
+  uninterrupted one. Checkpoints are written crash-safely (:mod:`drpost.checkpoint`: a staging
+  folder, a SHA-256 manifest written last, an atomic rename, rotation afterwards);
+  ``resume_from_checkpoint=True`` takes the newest folder whose manifest verifies and reports the
+  broken ones it skips; a named broken folder raises ``CheckpointError``.
 * **Skipped steps** (``nonfinite="skip"``): the engine sets every ``.grad`` to None, so torch
   optimizers skip every parameter (no moment update, no weight decay, no step count); the LR
   scheduler still advances, as in the stock Trainer. They are counted in ``skipped_steps``.
@@ -78,17 +81,23 @@ the engine with a clear error):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .. import checkpoint as ckpt
 from .. import feasible as fs
 from ..batch import IGNORE_INDEX
-from ..engine import NONFINITE, SCORE_NORMS, TARGET_STRATEGIES, DataRegularizer
+from ..engine import NONFINITE, SCORE_NORMS, TARGET_STRATEGIES, DataRegularizer, NonFiniteError
 from ..scoring import BACKENDS, parse_sketch
 
 DRPOST_STATE_NAME = "drpost_state.pt"
@@ -152,6 +161,13 @@ class DrPostArguments(TrainingArguments):
     greedy_lr: float = field(
         default=1e-4,
         metadata={"help": "Step size weighing the second-order term of feasible_set='greedy'."})
+    selection_log: str | None = field(
+        default=None,
+        metadata={"help": "Path of a JSON-lines file that gets, per optimisation step (main process), the "
+                          "samples each layer chose (per micro-batch) and a SHA-256 digest of all selection "
+                          "masks (with several processes: the main process's rows); on resume the lines after "
+                          "the checkpoint's step are dropped, so an interrupted and resumed run writes the "
+                          "same file as an uninterrupted one."})
 
     def __post_init__(self):
         def one_of(name, allowed):
@@ -351,6 +367,7 @@ class DrPostTrainer(Trainer):
         self._micro: list = []
         self._metrics: dict = {}
         self._skipped_in_interval = 0
+        self._selection_micro: list = []
 
     # ------------------------------------------------------------------ the step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -378,9 +395,15 @@ class DrPostTrainer(Trainer):
         if self._target_batch is None:                  # first micro-batch of an optimisation step
             self._target_batch = self._target_batch_for_step()
         finalize = bool(self.accelerator.sync_gradients)  # the Trainer steps the optimizer after this one
-        with self.compute_loss_context_manager():
-            stats = reg.backward(inputs, self._target_batch, finalize=finalize)
+        try:
+            with self.compute_loss_context_manager():
+                stats = reg.backward(inputs, self._target_batch, finalize=finalize)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"training step {self.state.global_step + 1} (global_step "
+                                 f"{self.state.global_step}): {e}") from e
         self._record(stats, finalize)
+        if self.args.selection_log:
+            self._log_selection(reg, stats, finalize)
         if finalize:
             self._target_batch = None
         if self._step_tokens is not None:
@@ -416,6 +439,47 @@ class DrPostTrainer(Trainer):
             total, n = self._metrics.get(name, (0.0, 0))
             self._metrics[name] = (total + value.detach().float(), n + 1)
 
+    def _log_selection(self, reg, stats, finalize: bool) -> None:
+        """Append this micro-batch's selection; at the step's end write the step's line (main process)."""
+        masks = {k: m.detach().to("cpu") for k, m in sorted(reg.last_masks.items())}
+        self._selection_micro.append(masks)
+        if not finalize:
+            return
+        micro, self._selection_micro = self._selection_micro, []
+        if not self.is_world_process_zero():
+            return
+        digest = hashlib.sha256()
+        chosen = []
+        for masks in micro:
+            for name, m in masks.items():
+                digest.update(name.encode())
+                digest.update(str(tuple(m.shape)).encode())
+                digest.update(m.to(torch.float64).numpy().tobytes())
+            chosen.append({k: m.nonzero().flatten().tolist() for k, m in masks.items() if m.dim() == 1})
+        line = {"step": self.state.global_step + 1, "skipped": bool(stats.skipped), "digest": digest.hexdigest(),
+                "chosen": chosen}
+        with open(self.args.selection_log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+
+    def _truncate_selection_log(self, step: int) -> None:
+        """Keep the lines of steps <= ``step`` (a resumed run rewrites the later ones); drop a torn last line."""
+        path = self.args.selection_log
+        if not path or not self.is_world_process_zero():
+            return
+        kept = []
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        break
+                    if entry.get("step", step + 1) > step:
+                        break
+                    kept.append(json.dumps(entry) + "\n")
+        ckpt.atomic_write_bytes(path, "".join(kept).encode())
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:      # a training log: add the drpost running means of the interval
             for name, (total, n) in self._metrics.items():
@@ -423,6 +487,36 @@ class DrPostTrainer(Trainer):
             logs["skipped_steps"] = self._skipped_in_interval
             self._metrics, self._skipped_in_interval = {}, 0
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ start-up checks
+    def _check_ranks_agree(self, checkpoint) -> None:
+        """Several processes: refuse to start (the same ValueError on every rank, naming the fields)
+        when the ranks were given different data sizes, target rows, drpost options, step budgets or
+        checkpoints, before any step runs: with the Trainer's sharding each rank must hold the same
+        datasets, and the global selection needs the same options everywhere."""
+        from .. import distributed as _dist
+
+        a = self.args
+
+        def fingerprint(data):
+            if data is None:
+                return None
+            n = len(data)
+            picks = sorted({0, n // 2, n - 1}) if n else []
+            return (n, [[int(v) for v in torch.as_tensor(data[i]["input_ids"]).reshape(-1)[:64].tolist()]
+                        for i in picks])
+
+        fields = {
+            "len(train_dataset)": len(self.train_dataset) if self.train_dataset is not None else None,
+            "target_dataset": _dist.short_digest(fingerprint(self.target_dataset)),
+            "drpost options": (a.feasible_set, a.frac, a.scoring, a.target_strategy, a.score_norm, a.scope,
+                               a.sketch, a.refresh_every, a.target_batch_size, a.nonfinite, a.greedy_lr),
+            "seed": a.seed, "max_steps": a.max_steps, "per_device_train_batch_size": a.per_device_train_batch_size,
+            "gradient_accumulation_steps": a.gradient_accumulation_steps,
+            "resume checkpoint": os.path.basename(checkpoint) if isinstance(checkpoint, str) else None,
+        }
+        ctx = _dist.DistContext(None, torch.device(a.device))
+        _dist.check_same_config(ctx, fields)
 
     # ------------------------------------------------------------------ checkpoints
     def drpost_state_dict(self) -> dict:
@@ -433,10 +527,52 @@ class DrPostTrainer(Trainer):
                 "feasible_set": self.args.feasible_set}
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        if self.args.should_save and os.path.isdir(folder):
-            torch.save(self.drpost_state_dict(), os.path.join(folder, DRPOST_STATE_NAME))
+        """The stock Trainer's checkpoint, written crash-safely (:mod:`drpost.checkpoint`): every file
+        (model, optimizer, scheduler, RNG states, trainer state, ``drpost_state.pt``) goes into a
+        staging folder, a manifest of checksums is written last, and the folder is renamed to
+        ``checkpoint-N`` in one atomic step; older checkpoints are rotated out only afterwards."""
+        from transformers.trainer_callback import ExportableState
+        from transformers.trainer_utils import SaveStrategy
+
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, name)
+        stage = str(ckpt.staging_dir(final))
+        if self.args.should_save:
+            shutil.rmtree(stage, ignore_errors=True)     # leftovers of an interrupted write
+            os.makedirs(stage, exist_ok=True)
+        self.accelerator.wait_for_everyone()             # no rank writes before the folder is fresh
+        os.makedirs(stage, exist_ok=True)
+        self.save_model(stage, _internal_call=True)
+        if self.args.save_strategy in [SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST] \
+                and self.state.best_global_step:
+            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == self.state.global_step or os.path.exists(best):
+                self.state.best_model_checkpoint = best
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(stage)
+            self._save_scaler(stage)
+            self._save_rng_state(stage)                  # every rank writes its own RNG file
+        if self.args.should_save:
+            for cb in [cb for cb in self.callback_handler.callbacks + [self.control]
+                       if isinstance(cb, ExportableState)]:
+                cb_name, cb_state = cb.__class__.__name__, cb.state()
+                if isinstance(self.state.stateful_callbacks[cb_name], list):
+                    self.state.stateful_callbacks[cb_name].append(cb_state)
+                else:
+                    self.state.stateful_callbacks[cb_name] = cb_state
+            self.state.save_to_json(os.path.join(stage, TRAINER_STATE_NAME))
+            torch.save(self.drpost_state_dict(), os.path.join(stage, DRPOST_STATE_NAME))
+        self.accelerator.wait_for_everyone()             # every rank's files are in the staging folder
+        if self.args.should_save:
+            ckpt.write_manifest(stage, step=self.state.global_step)
+            ckpt.publish(stage, final)
+            if self.args.push_to_hub:
+                self._push_from_checkpoint(final)
+            ckpt.rotate(run_dir, self.args.save_total_limit, protect=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def _load_drpost_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, DRPOST_STATE_NAME)
@@ -453,9 +589,39 @@ class DrPostTrainer(Trainer):
               **kwargs):
         self._reset_run_state()
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)   # None: the Trainer raises its own error
+        if checkpoint is True:      # the newest checkpoint whose manifest verifies (broken ones are reported)
+            found = ckpt.last_valid_checkpoint(self.args.output_dir, report=_report)
+            if found is None:
+                raise ckpt.CheckpointError(f"resume_from_checkpoint=True but {self.args.output_dir} has no complete "
+                                           "checkpoint-N folder to resume from")
+            checkpoint = str(found)
         if isinstance(checkpoint, (str, os.PathLike)):
-            self._load_drpost_state(os.fspath(checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+            checkpoint = os.fspath(checkpoint)
+            if os.path.isfile(os.path.join(checkpoint, ckpt.MANIFEST_NAME)):
+                ckpt.check(checkpoint)
+            elif os.path.isdir(checkpoint):
+                warnings.warn(f"{checkpoint} has no {ckpt.MANIFEST_NAME} (not written by this drpost version): its "
+                              "files cannot be verified", stacklevel=2)
+            self._load_drpost_state(checkpoint)
+        self._truncate_selection_log(_checkpoint_step(checkpoint))
+        if self.args.should_save and self.args.save_strategy != "no":
+            ckpt.clear_staging(self.args.output_dir)
+        if self.args.world_size > 1:
+            self._check_ranks_agree(checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+
+def _report(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _checkpoint_step(checkpoint) -> int:
+    """The global step a resumed run starts from (0 for a fresh run)."""
+    if not isinstance(checkpoint, str):
+        return 0
+    path = os.path.join(checkpoint, TRAINER_STATE_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return int(json.load(f).get("global_step", 0))
+    return ckpt.step_of(checkpoint) or 0

@@ -38,6 +38,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -163,8 +164,8 @@ def _check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
         raise RunDirError("resume and overwrite exclude each other")
     if resume:
         if _last_checkpoint(run_dir) is None:
-            raise RunDirError(f"nothing to resume in {run_dir}: it has no checkpoint-N folder (set train.save_steps "
-                              "> 0 to write checkpoints)")
+            raise RunDirError(f"nothing to resume in {run_dir}: it has no complete checkpoint-N folder (set "
+                              "train.save_steps > 0 to write checkpoints)")
         saved = run_dir / "config.yaml"
         if saved.is_file():
             _check_resume_compatible(load_config(saved), cfg, run_dir)
@@ -193,9 +194,11 @@ def _check_resume_compatible(saved: Config, cfg: Config, run_dir: Path) -> None:
 
 
 def _last_checkpoint(run_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint (its manifest verifies); broken newer ones are reported and skipped."""
+    from drpost.checkpoint import last_valid_checkpoint
 
-    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    found = last_valid_checkpoint(run_dir, report=lambda msg: print(msg, file=sys.stderr, flush=True))
+    return str(found) if found is not None else None
 
 
 def _prepare_trainable(model, cfg: Config):
@@ -340,6 +343,7 @@ def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_
         n_target=cfg.data.n_target,
         nonfinite=r.nonfinite,
         greedy_lr=r.greedy_lr,
+        selection_log=str(run_dir / "selections.jsonl") if t.log_selections else None,
     )
     optimizers = (_meso(cfg, model), None) if t.optimizer == "meso" else (None, None)
     timer = _StepTimer()

@@ -21,7 +21,7 @@ class Tok:
 
 
 def fake_sample(model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, batch_size=32,
-                system_prompt="", seed=None):
+                system_prompt="", seed=None, autocast_dtype=None):
     """Deterministic 'generation': completions of 1..max_new_tokens ids drawn from ``seed``."""
     g = torch.Generator().manual_seed(int(seed) % (2 ** 31))
     p_ids, c_ids, texts, flat = [], [], [], []

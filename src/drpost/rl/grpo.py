@@ -169,6 +169,7 @@ class PolicyGradientTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._params = params
+        self._float = torch.float64 if params and params[0].dtype == torch.float64 else torch.float32
         self._rng = random.Random(cfg.seed)
         self._order: list = []
         self.step_count = 0
@@ -197,15 +198,23 @@ class PolicyGradientTrainer:
             with self.model.disable_adapter():
                 yield self.model
 
-    def _rollout(self, prompts: list[dict], seed: int):
+    @property
+    def _needs_old_logps(self) -> bool:
+        """The rollout policy's log-probs are needed when the policy moves before a row is used
+        (several epochs or mini-batches) or for RLOO's KL-shaped reward; otherwise ratio = 1 exactly."""
         c = self.cfg
+        return c.epochs * c.mini_batches > 1 or (c.algorithm == "rloo" and c.beta > 0)
+
+    def _rollout(self, prompts: list[dict], seed: int, logps: bool = True):
+        c = self.cfg
+        ad = torch.bfloat16 if c.bf16 else None
         ro = sample(self.model, self.tokenizer, prompts, c.group_size, c.max_new_tokens, c.temperature,
-                    c.generation_batch, c.system_prompt, seed=seed)
+                    c.generation_batch, c.system_prompt, seed=seed, autocast_dtype=ad)
         rewards, parts = call_rewards(self.reward_fns, ro.prompts, ro.completions, self.reward_weights, **ro.columns)
         rows = ro.rows(self.pad_id)
-        ad = torch.bfloat16 if c.bf16 else None
-        rows["old_logps"] = policy_logps(self.model, rows, c.temperature, c.micro_batch, ad)
-        if c.beta > 0:
+        if logps and self._needs_old_logps:
+            rows["old_logps"] = policy_logps(self.model, rows, c.temperature, c.micro_batch, ad)
+        if logps and c.beta > 0:
             with self._reference() as ref:
                 rows["ref_logps"] = policy_logps(ref, rows, c.temperature, c.micro_batch, ad)
         return ro, rewards, parts, rows
@@ -217,13 +226,13 @@ class PolicyGradientTrainer:
         shaped = rewards
         if c.beta > 0:   # RLOO: KL in the reward (k1 estimate summed over the completion)
             mask = rows["labels"][:, 1:] != -100
-            diff = (rows["old_logps"] - rows["ref_logps"])[:, :-1]
+            diff = (rows["old_logps"] - rows["ref_logps"])[:, :-1]   # k1 estimate of KL(pi_old || pi_ref)
             shaped = rewards - c.beta * (diff * mask).sum(1).to(torch.float64)
         return rloo_advantages(shaped, c.group_size)
 
     def _policy_rows(self, rows: dict, adv: torch.Tensor) -> dict:
-        out = {k: rows[k] for k in ("input_ids", "attention_mask", "labels", "old_logps")}
-        out["advantages"] = adv.to(torch.float32 if rows["old_logps"].dtype != torch.float64 else torch.float64)
+        out = {k: rows[k] for k in ("input_ids", "attention_mask", "labels", "old_logps") if k in rows}
+        out["advantages"] = adv.to(self._float)
         if self.cfg.algorithm == "grpo" and "ref_logps" in rows:
             out["ref_logps"] = rows["ref_logps"]
         return out
@@ -235,14 +244,15 @@ class PolicyGradientTrainer:
             ro, rewards, rows = own
         else:
             prompts = self._rng.sample(self.target_prompts, c.target_batch)
-            ro, rewards, _, rows = self._rollout(prompts, seed=c.seed * 1_000_003 + 500_009 + self.step_count)
+            ro, rewards, _, rows = self._rollout(prompts, seed=c.seed * 1_000_003 + 500_009 + self.step_count,
+                                                 logps=c.target_loss == "train-loss")
         if c.target_loss == "reward":
             w = zscore_rewards(rewards)
             target = {k: rows[k] for k in ("input_ids", "attention_mask", "labels")}
-            target["advantages"] = w.to(rows["old_logps"].dtype)
+            target["advantages"] = w.to(self._float)
         else:
             target = self._policy_rows(rows, self._advantages(rewards, rows))
-            target.pop("old_logps")   # ratio 1: the objective's gradient at the current policy
+            target.pop("old_logps", None)   # ratio 1: the objective's gradient at the current policy
         return target, {"target_reward": float(rewards.mean())}
 
     def _capture(self, engine: DataRegularizer, target: dict) -> None:
@@ -309,7 +319,7 @@ class PolicyGradientTrainer:
                "zero_std_groups": float((rewards.view(-1, c.group_size).std(1) == 0).float().mean())
                if c.group_size > 1 else 0.0}
         log.update({f"reward/{k}": v for k, v in parts.items()})
-        if "ref_logps" in rows:
+        if "ref_logps" in rows and "old_logps" in rows:
             mask = (rows["labels"][:, 1:] != -100)
             log["kl"] = float(kl_per_token(rows["old_logps"][:, :-1], rows["ref_logps"][:, :-1], mask))
         if c.uses_target and self.step_count % c.refresh_every == 0:
@@ -318,14 +328,18 @@ class PolicyGradientTrainer:
             self._capture(self.scorer or self.engine, target)
         if c.iif:
             keep = self._iif_keep(train)
+            self.loss.reset_kl()
             log["kept"] = float(keep.double().mean())
             idx = keep.nonzero().flatten()
             upd = self._update({k: v[idx] for k, v in train.items()}) if idx.numel() else \
                 {"kept_update": 0.0, "pg_loss": float("nan"), "grad_norm": float("nan")}
             upd.pop("kept_update")
         else:
+            self.loss.reset_kl()
             upd = self._update(train)
             log["kept"] = upd.pop("kept_update")
+        if "kl" not in log and "ref_logps" in rows and self.loss.kl_tokens:
+            log["kl"] = self.loss.kl     # k3 KL(pi || pi_ref) over the tokens of the update forwards
         log.update(upd)
         log["seconds"] = time.perf_counter() - t0
         self.step_count += 1

@@ -87,6 +87,14 @@ class PolicyLoss:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.clip_eps, self.beta, self.temperature = float(clip_eps), float(beta), float(temperature)
+        self.kl_sum, self.kl_tokens = 0.0, 0.0   # k3 KL seen by the forwards since reset_kl() (monitoring)
+
+    def reset_kl(self) -> None:
+        self.kl_sum, self.kl_tokens = 0.0, 0.0
+
+    @property
+    def kl(self) -> float:
+        return self.kl_sum / self.kl_tokens if self.kl_tokens else float("nan")
 
     def __call__(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if "advantages" not in batch:
@@ -101,7 +109,11 @@ class PolicyLoss:
         ref = batch.get("ref_logps")
         if ref is not None and self.beta > 0:
             q = ref.to(logps.dtype) - logps
-            loss = loss + self.beta * (torch.exp(q) - q - 1.0)
+            kl = torch.exp(q) - q - 1.0
+            loss = loss + self.beta * kl
+            with torch.no_grad():
+                self.kl_sum += float((kl * mask).sum())
+                self.kl_tokens += float(mask.sum())
         return torch.where(mask, loss, torch.zeros_like(loss)), mask
 
 

@@ -7,6 +7,7 @@ token (the stop token is part of the completion: the policy learns to stop).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -62,7 +63,7 @@ def build_rows(prompt_ids: list, completion_ids: list, pad_id: int) -> dict:
 @torch.no_grad()
 def sample(model, tokenizer, prompt_rows: list[dict], group_size: int, max_new_tokens: int,
            temperature: float = 1.0, batch_size: int = 32, system_prompt: str | None = "",
-           seed: int | None = None) -> Rollout:
+           seed: int | None = None, autocast_dtype=None) -> Rollout:
     """``group_size`` sampled completions (temperature, no top-k/top-p) for every prompt row."""
     from transformers import GenerationConfig
 
@@ -101,7 +102,9 @@ def sample(model, tokenizer, prompt_rows: list[dict], group_size: int, max_new_t
             for k, i in enumerate(rows):       # left padding for generation
                 ids[k, width - len(encoded[i]):] = torch.tensor(encoded[i])
                 att[k, width - len(encoded[i]):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=cfg)
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+            with ctx:
+                out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), generation_config=cfg)
             for k, new in enumerate(out[:, width:].tolist()):
                 cut = next((j for j, t in enumerate(new) if t in stop_set), None)
                 completion_ids[start + k] = new[:cut + 1] if cut is not None else new

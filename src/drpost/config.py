@@ -188,6 +188,7 @@ class RLConfig:
     rm_lr: float = 1e-3
     rm_batch_size: int = 8
     rm_lora_r: int = 8
+    reward_model_path: Optional[str] = None  # cache file of the trained reward model (loaded if it exists)
 
 
 @dataclass

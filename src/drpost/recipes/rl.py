@@ -73,8 +73,23 @@ def _train_reward_model(cfg: Config, task, progress: bool) -> tuple:
     pairs = task.preference_pairs
     n_hold = max(1, len(pairs) // 5)
     held, train = pairs[:n_hold], pairs[n_hold:]
+    cache = Path(rl.reward_model_path).expanduser() if rl.reward_model_path else None
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, map_location="cpu")
+        missing = [k for k in saved["state"] if k not in dict(rm.named_parameters())]
+        if missing:
+            raise ValueError(f"rl.reward_model_path {str(cache)!r} does not match this reward model ({missing[:3]})")
+        rm.load_state_dict(saved["state"], strict=False)
+        rm.eval()
+        for p in rm.parameters():
+            p.requires_grad_(False)
+        stats = dict(saved["stats"], loaded_from=str(cache))
+        print(f"drpost rl: reward model loaded from {cache} (held-out pair accuracy "
+              f"{stats['held_out_accuracy']:.3f})", flush=True)
+        return RewardModelScorer(rm, tok, system_prompt=rl.system_prompt), stats
     before = pair_accuracy(rm, tok, held, system_prompt=rl.system_prompt)
     t0 = time.perf_counter()
+    trainable = [n for n, p in rm.named_parameters() if p.requires_grad]
     res = train_reward_model(rm, tok, train, epochs=rl.rm_epochs, batch_size=rl.rm_batch_size, lr=rl.rm_lr,
                              seed=cfg.train.seed, system_prompt=rl.system_prompt, bf16=cfg.train.bf16,
                              progress=progress)
@@ -82,6 +97,10 @@ def _train_reward_model(cfg: Config, task, progress: bool) -> tuple:
     stats = {"pairs_train": len(train), "pairs_held_out": len(held), "held_out_accuracy_before": before,
              "held_out_accuracy": after, "final_loss": res["final_loss"], "seconds": time.perf_counter() - t0,
              "loss_history": [h["loss"] for h in res["history"]]}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        params = dict(rm.named_parameters())
+        torch.save({"state": {n: params[n].detach().clone() for n in trainable}, "stats": stats}, cache)
     print(f"drpost rl: reward model trained on {len(train)} pairs, held-out pair accuracy {before:.3f} -> "
           f"{after:.3f}", flush=True)
     return RewardModelScorer(rm, tok, system_prompt=rl.system_prompt), stats

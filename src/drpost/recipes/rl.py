@@ -197,6 +197,6 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     print(f"done: {method} {metric} {start:.3f} -> {final['score']:.3f} on {len(task.test)} test prompts, "
           f"mean kept {metrics['train_means']['kept']:.3f}, {metrics['seconds_total']:.0f} s\n"
           f"run directory: {run_dir}", flush=True)
-    del trainer, model
+    trainer = model = None  # release the policy before returning
     gc.collect()
     return metrics

@@ -46,6 +46,7 @@ import torch
 from drpost import feasible as fs
 from drpost.engine import DataRegularizer
 
+from .iif import iif_keep
 from .loss import PolicyLoss, kl_per_token, policy_logps
 from .rewards import call_rewards, group_advantages, rloo_advantages, zscore_rewards
 from .rollout import Rollout, sample
@@ -260,18 +261,7 @@ class PolicyGradientTrainer:
             engine.capture_target(target, chunk_size=self.cfg.micro_batch)
 
     def _iif_keep(self, rows: dict) -> torch.Tensor:
-        """IIF: global scores of every completion of the rollout against the target (one scoring pass
-        before the update epochs); keep the non-negative ones (frac of the negatives dropped)."""
-        n, mb = rows["input_ids"].shape[0], self.cfg.micro_batch
-        scores = []
-        for s in range(0, n, mb):
-            chunk = {k: v[s:s + mb] for k, v in rows.items()}
-            with self._autocast():
-                self.scorer.backward(chunk)
-            scores.append(self.scorer.last_global_scores.detach().to(torch.float64))
-            for p in self._params:
-                p.grad = None
-        return fs.filter_mask(torch.cat(scores), self.cfg.frac)
+        return iif_keep(self.scorer, rows, self.cfg.micro_batch, self.cfg.frac, self._params, self._autocast)
 
     def _update(self, rows: dict) -> dict:
         """epochs x mini_batches optimiser steps over ``rows``; returns the kept share and losses."""

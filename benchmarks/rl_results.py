@@ -45,7 +45,7 @@ def run_dir(out: Path, part: str, method: str, seed: int) -> Path:
     return out / part / f"{method}-s{seed}"
 
 
-def run_all(out: Path, part: str, seeds: list[int], threads: int) -> None:
+def run_all(out: Path, part: str, seeds: list[int], threads: int, methods: list[str] | None = None) -> None:
     from drpost.config import load_config
     from drpost.recipes.rl import run_rl
 
@@ -55,6 +55,15 @@ def run_all(out: Path, part: str, seeds: list[int], threads: int) -> None:
             d = run_dir(out, part, method, seed)
             if (d / "metrics.json").is_file():
                 print(f"[skip] {d} exists", flush=True)
+                continue
+            if methods and method not in methods:
+                continue
+            claims = out / part / ".claims"
+            claims.mkdir(parents=True, exist_ok=True)
+            try:   # several sweeps may run in parallel: each run is claimed by exactly one
+                os.close(os.open(claims / d.name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                print(f"[skip] {d} claimed by another sweep (delete {claims / d.name} if it died)", flush=True)
                 continue
             first = seed == seeds[0] and method == s["methods"][0]
             ov = s["overrides"] + METHODS[method] + [
@@ -163,12 +172,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "rl_results"))
     ap.add_argument("--doc", default=str(ROOT / "docs" / "results_rl.md"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all of the setting)")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.report_only:
         for part in (["rlvr", "rlhf"] if args.part == "all" else [args.part]):
-            run_all(out, part, args.seeds or ([0, 1, 2] if part == "rlvr" else [0]), args.threads)
+            run_all(out, part, args.seeds or ([0, 1, 2] if part == "rlvr" else [0]), args.threads, args.methods)
     report(out, Path(args.doc))
 
 

@@ -113,8 +113,9 @@ class PolicyGradientConfig:
         need(self.clip_eps > 0, "clip_eps", "must be > 0", self.clip_eps)
         need(self.lr > 0, "lr", "must be > 0", self.lr)
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", self.max_grad_norm)
-        need(not (self.iif and self.feasible_set not in ("standard", "filter")), "iif",
-             "is its own method: use it with feasible_set 'standard' (or 'filter'), not", self.feasible_set)
+        need(not (self.iif and self.feasible_set not in ("standard", "filter")), "feasible_set",
+             "must be 'standard' with iif=True (IIF filters the rollout once, then trains plainly)",
+             self.feasible_set)
 
     @property
     def uses_target(self) -> bool:

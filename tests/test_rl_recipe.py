@@ -96,3 +96,7 @@ def test_drpost_train_rl_end_to_end(tmp_path, extra, metric):
 
 def test_rl_run_rejects_resume(tmp_path):
     assert main(["train", TINY, "--output_dir", str(tmp_path), "--no-progress", "--resume"]) != 0
+
+
+def test_spectrum_refuses_an_rl_recipe(tmp_path):
+    assert main(["spectrum", TINY, "--output_dir", str(tmp_path), "--no-progress"]) != 0

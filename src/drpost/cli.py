@@ -83,6 +83,9 @@ def _spectrum(args: argparse.Namespace) -> int:
     flags, _, overrides = _split_flags(args.rest, _TRAIN_FLAGS)
     _setup_logging()
     cfg = load_config(args.config, overrides)
+    if cfg.recipe != "sft":
+        raise ValueError(f"drpost spectrum runs SFT recipes; {args.config} is a recipe: {cfg.recipe} config "
+                         "(RL comparisons: benchmarks/rl_results.py)")
     if not any(o.lstrip("-").split("=")[0] == "run_name" for o in overrides) and cfg.run_name:
         cfg.run_name = f"spectrum-{cfg.run_name}"  # never the run directory of `drpost train CONFIG`
     run_spectrum(cfg, resume=flags["resume"], overwrite=flags["overwrite"], progress=not flags["no_progress"])

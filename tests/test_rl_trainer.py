@@ -86,8 +86,10 @@ def test_filter_keeping_everything_equals_plain_step_for_step(fake_rollouts, alg
     assert pa and any(not torch.equal(pa[n], params(base)[n]) for n in pa)
 
 
-def test_filter_drops_and_statistics_cover_the_whole_rollout(fake_rollouts):
-    tr = make({"feasible_set": "filter", "frac": 1.0, "scope": "global"})
+@pytest.mark.parametrize("target_loss,algorithm", [("reward", "grpo"), ("train-loss", "grpo"), ("train-loss", "rloo")])
+def test_filter_drops_and_statistics_cover_the_whole_rollout(fake_rollouts, target_loss, algorithm):
+    tr = make({"feasible_set": "filter", "frac": 1.0, "scope": "global", "target_loss": target_loss,
+               "algorithm": algorithm})
     log = tr.step()
     ro = tr.last_rollout
     rewards = parity_reward(ro.prompts, ro.completions, ro.columns["answer"])

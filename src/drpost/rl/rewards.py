@@ -9,6 +9,7 @@ a function that raises, returns the wrong number of values, a non-number, NaN or
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -56,7 +57,7 @@ def call_rewards(fns: Sequence[RewardFn], prompts: list[str], completions: list[
         if len(values) != n:
             raise RewardError(f"reward function {name!r} returned {len(values)} values for {n} completions")
         for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) and not (
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) and not (
                     isinstance(v, torch.Tensor) and v.numel() == 1):
                 raise RewardError(f"reward function {name!r} returned {v!r} ({type(v).__name__}) for completion "
                                   f"{i}; rewards must be numbers")

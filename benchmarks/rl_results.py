@@ -178,6 +178,9 @@ def report(out: Path, doc: Path) -> None:
             ch = [f"{m_}: {_mean_se([r['final'][metric] for r in runs[m_]])[0] - start:+.3f}"
                   for m_ in s["methods"] if runs.get(m_)]
             lines += ["", f"Change of the mean final {metric} from step 0: " + ", ".join(ch) + "."]
+        total = sum(r["seconds_total"] for rs in runs.values() for r in rs)
+        lines += ["", f"Wall time of these {sum(len(rs) for rs in runs.values())} runs: {total / 60:.0f} min "
+                  "(niced, on a 2-core machine shared with other jobs; per-run times in each metrics.json)."]
         steps = max(len(r["history"]["train"]) for rs in runs.values() for r in rs)
         lines += ["", "Kept fraction of the completions per step (mean over seeds; per-layer sets: mean over layers):",
                   "", "| method | " + " | ".join(str(i + 1) for i in range(steps)) + " |",

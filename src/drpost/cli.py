@@ -93,6 +93,13 @@ def _train(args: argparse.Namespace) -> int:
     flags, _, overrides = _split_flags(args.rest, _TRAIN_FLAGS)
     _setup_logging()
     cfg = load_config(args.config, overrides)
+    if cfg.recipe == "rl":
+        from drpost.recipes.rl import run_rl
+
+        if flags["resume"]:
+            raise ValueError("--resume is not supported for RL recipes (recipe: rl)")
+        run_rl(cfg, overwrite=flags["overwrite"], progress=not flags["no_progress"])
+        return 0
     run_sft(cfg, resume=flags["resume"], overwrite=flags["overwrite"], progress=not flags["no_progress"])
     return 0
 
@@ -104,6 +111,9 @@ def _spectrum(args: argparse.Namespace) -> int:
     flags, _, overrides = _split_flags(args.rest, _TRAIN_FLAGS)
     _setup_logging()
     cfg = load_config(args.config, overrides)
+    if cfg.recipe != "sft":
+        raise ValueError(f"drpost spectrum runs SFT recipes; {args.config} is a recipe: {cfg.recipe} config "
+                         "(RL comparisons: benchmarks/rl_results.py)")
     if not any(o.lstrip("-").split("=")[0] == "run_name" for o in overrides) and cfg.run_name:
         cfg.run_name = f"spectrum-{cfg.run_name}"  # never the run directory of `drpost train CONFIG`
     run_spectrum(cfg, resume=flags["resume"], overwrite=flags["overwrite"], progress=not flags["no_progress"])
@@ -173,7 +183,7 @@ _TRAIN_EPILOG = """\
 overrides (any number, after CONFIG):
   --section.key value | --section.key=value | --key value (a key found in one section only)
   e.g. --train.steps 20 --drpost.feasible_set standard --frac 0.25 --data.target.sections tech
-  sections: model, data, drpost, train, eval, spectrum; top level: output_dir, run_name
+  sections: model, data, drpost, train, eval, spectrum, rl; top level: output_dir, run_name, recipe
 flags:
   --resume      continue the run directory's last checkpoint (needs train.save_steps > 0)
   --overwrite   replace an existing run directory

@@ -36,6 +36,7 @@ __all__ = [
     "DrPostConfig",
     "TrainConfig",
     "EvalConfig",
+    "RLConfig",
     "load_config",
     "config_from_dict",
     "parse_overrides",
@@ -152,6 +153,45 @@ class SpectrumConfig:
     save_models: bool = False  # keep each run's final weights (full fine-tuning: ~0.5 GB a run)
 
 
+RL_TASKS = ("bbc_category", "bbc_headline")
+RECIPES = ("sft", "rl")
+
+
+@dataclass
+class RLConfig:
+    """``recipe: rl``: GRPO/RLOO with drpost feasible sets (drpost.rl). The RL recipe reads model,
+    drpost (feasible_set, frac, scope, scoring, refresh_every, nonfinite), train (steps, lr, LoRA,
+    bf16, seed, threads, max_grad_norm, weight_decay, eval_every, save_final) and this section; the
+    data section and drpost.target_strategy/target_batch_size are not used (always separate)."""
+    task: str = "bbc_category"  # bbc_category (verifiable: GRPO) | bbc_headline (preference: reward model + RLOO)
+    algorithm: Optional[str] = None  # grpo | rloo (None: grpo for bbc_category, rloo for bbc_headline)
+    iif: bool = False  # the IIF baseline: score the whole rollout once, drop negatives, train plainly
+    target_loss: str = "reward"  # reward (z-scored reward x log-prob) | train-loss (the RL objective itself)
+    target_source: str = "pool"  # pool (rollouts on target prompts) | self (the step's own rollout)
+    target_batch: int = 4  # target prompts rolled out per refresh (drpost.refresh_every steps)
+    n_train: int = 200  # training prompts
+    n_target: int = 16  # target prompt pool
+    n_test: int = 60  # held-out test prompts (greedy decoding)
+    n_pairs: int = 128  # bbc_headline: reward-model preference pairs (80% train, 20% held out)
+    prompt_words: int = 25  # words of the article in a prompt
+    prompts_per_step: int = 4
+    group_size: int = 4  # completions per prompt
+    micro_batch: int = 8  # rows per forward/backward (drpost selects per micro-batch)
+    mini_batches: int = 1  # optimiser steps per pass over a rollout
+    epochs: int = 1  # passes over each rollout
+    max_new_tokens: int = 3
+    eval_max_new_tokens: Optional[int] = None  # None: max_new_tokens
+    temperature: float = 1.0
+    beta: float = 0.04  # KL coefficient (GRPO: k3 loss term; RLOO: KL-shaped reward)
+    clip_eps: float = 0.2
+    system_prompt: Optional[str] = None  # None: the chat template's default system turn
+    rm_epochs: int = 2  # reward model (bbc_headline): Bradley-Terry epochs over the pairs
+    rm_lr: float = 1e-3
+    rm_batch_size: int = 8
+    rm_lora_r: int = 8
+    reward_model_path: Optional[str] = None  # cache file of the trained reward model (loaded if it exists)
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -160,6 +200,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    recipe: str = "sft"  # sft | rl (drpost train runs this recipe)
     output_dir: str = "runs"
     run_name: Optional[str] = None  # None: the config file's stem (or "sft")
 
@@ -173,8 +215,8 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "drpost": DrPostConfig, "train": TrainConfig,
-            "eval": EvalConfig, "spectrum": SpectrumConfig}
-TOP_LEVEL = ("output_dir", "run_name")
+            "eval": EvalConfig, "spectrum": SpectrumConfig, "rl": RLConfig}
+TOP_LEVEL = ("output_dir", "run_name", "recipe")
 # Names users bring from Hugging Face TrainingArguments: only used to suggest the right key.
 _ALIASES = {
     "learning_rate": "train.lr", "max_steps": "train.steps", "per_device_train_batch_size": "train.batch_size",
@@ -587,7 +629,35 @@ def validate(cfg: Config) -> None:
     _check(len(sp.fracs) >= 1 and all(0.0 < v <= 1.0 for v in sp.fracs) and len(set(sp.fracs)) == len(sp.fracs),
            "spectrum.fracs", "must be distinct numbers in (0, 1]", sp.fracs)
 
+    _choice("recipe", cfg.recipe, RECIPES)
+    _validate_rl(cfg.rl)
+
     _check(bool(cfg.output_dir), "output_dir", "must be a directory path", cfg.output_dir)
     if cfg.run_name is not None:
         _check(bool(cfg.run_name) and "/" not in cfg.run_name and cfg.run_name not in (".", ".."), "run_name",
                "must be a plain directory name", cfg.run_name)
+
+
+def _validate_rl(rl: RLConfig) -> None:
+    _choice("rl.task", rl.task, RL_TASKS)
+    if rl.algorithm is not None:
+        _choice("rl.algorithm", rl.algorithm, ("grpo", "rloo"))
+    _choice("rl.target_loss", rl.target_loss, ("reward", "train-loss"))
+    _choice("rl.target_source", rl.target_source, ("pool", "self"))
+    for key in ("target_batch", "n_train", "n_target", "n_test", "n_pairs", "prompt_words", "prompts_per_step",
+                "group_size", "micro_batch", "mini_batches", "epochs", "max_new_tokens", "rm_epochs", "rm_batch_size"):
+        _check(getattr(rl, key) >= 1, f"rl.{key}", "must be >= 1", getattr(rl, key))
+    _check(rl.target_batch <= rl.n_target, "rl.target_batch", f"must be <= rl.n_target ({rl.n_target}), the size of "
+           "the target pool", rl.target_batch)
+    _check(rl.eval_max_new_tokens is None or rl.eval_max_new_tokens >= 1, "rl.eval_max_new_tokens",
+           "must be >= 1 or null", rl.eval_max_new_tokens)
+    _check(rl.temperature > 0, "rl.temperature", "must be > 0", rl.temperature)
+    _check(rl.beta >= 0 and math.isfinite(rl.beta), "rl.beta", "must be >= 0", rl.beta)
+    _check(rl.clip_eps > 0, "rl.clip_eps", "must be > 0", rl.clip_eps)
+    _check(rl.rm_lr > 0, "rl.rm_lr", "must be > 0", rl.rm_lr)
+    _check(rl.rm_lora_r >= 0, "rl.rm_lora_r", "must be >= 0 (0: the whole decoder trains)", rl.rm_lora_r)
+    _check(rl.mini_batches <= rl.prompts_per_step * rl.group_size, "rl.mini_batches",
+           "must be <= rl.prompts_per_step * rl.group_size (the rollout size)", rl.mini_batches)
+    algo = rl.algorithm or ("grpo" if rl.task == "bbc_category" else "rloo")
+    _check(algo != "rloo" or rl.group_size >= 2, "rl.group_size", "must be >= 2 for RLOO (leave-one-out baseline)",
+           rl.group_size)

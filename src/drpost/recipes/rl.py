@@ -1,0 +1,202 @@
+"""Reinforcement learning with Dr. Post-Training, as one readable function: :func:`run_rl`.
+
+    drpost train configs/rlvr_bbc_category.yaml          # GRPO, exact-match reward
+    drpost train configs/rlhf_bbc_headline.yaml          # reward model + RLOO
+
+Top to bottom: build the task's splits (:mod:`drpost.rl.tasks`); load the policy (LoRA via peft);
+for a preference task, train a reward model on preference pairs first (a second copy of the model
+with a scalar head, Bradley-Terry loss) and report its held-out pair accuracy; then run
+``train.steps`` steps of :class:`drpost.rl.PolicyGradientTrainer` with the drpost feasible set,
+IIF, or plain (``drpost.feasible_set: standard``), evaluating the greedy test score every
+``train.eval_every`` steps with the task's *independent* scorer (exact match for bbc_category;
+ROUGE-L F1 against the real headline for bbc_headline, never the reward model).
+
+Run directory: ``config.yaml``, ``metrics.json`` (final/step-0 test score, per-step history of
+reward, KL, kept share, ...), ``train_log.jsonl``, ``predictions.json``, ``tensorboard/`` and
+``final/`` (the LoRA adapter). Resuming is not supported for RL runs.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from drpost.config import Config, config_to_dict, save_config
+from drpost.evaluation.generation import generate
+from drpost.models import load_model
+from drpost.rl import PolicyGradientConfig, PolicyGradientTrainer
+from drpost.rl import tasks as rl_tasks
+from drpost.rl.reward_model import (RewardModelScorer, pair_accuracy, reward_model_from_causal_lm,
+                                    train_reward_model)
+
+from .sft import _DTYPES, _check_run_dir, _jsonable, _make_run_dir, _prepare_trainable, _quiet_peft
+
+__all__ = ["run_rl", "evaluate_policy"]
+
+
+def _algorithm(cfg: Config) -> str:
+    return cfg.rl.algorithm or ("grpo" if cfg.rl.task == "bbc_category" else "rloo")
+
+
+def policy_config(cfg: Config) -> PolicyGradientConfig:
+    rl, r, t = cfg.rl, cfg.drpost, cfg.train
+    return PolicyGradientConfig(
+        algorithm=_algorithm(cfg), feasible_set="standard" if rl.iif else r.feasible_set, frac=r.frac,
+        scope=r.scope, scoring=r.scoring, iif=rl.iif, target_loss=rl.target_loss, target_source=rl.target_source,
+        target_batch=rl.target_batch, refresh_every=r.refresh_every, prompts_per_step=rl.prompts_per_step,
+        group_size=rl.group_size, micro_batch=rl.micro_batch, mini_batches=rl.mini_batches, epochs=rl.epochs,
+        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, beta=rl.beta, clip_eps=rl.clip_eps,
+        lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, bf16=t.bf16, seed=t.seed,
+        system_prompt=rl.system_prompt, nonfinite=r.nonfinite)
+
+
+def evaluate_policy(model, tokenizer, rows: list[dict], scorer, max_new_tokens: int, system_prompt,
+                    batch_size: int = 16) -> dict:
+    """Greedy completions of the test prompts scored by ``scorer`` (reward-function signature)."""
+    completions = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, progress=False, system_prompt=system_prompt)
+    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    scores = scorer([r["prompt"] for r in rows], completions, **cols)
+    return {"score": sum(scores) / len(scores), "completions": completions, "scores": list(scores)}
+
+
+def _train_reward_model(cfg: Config, task, progress: bool) -> tuple:
+    rl = cfg.rl
+    lm, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=_DTYPES[cfg.model.dtype],
+                         attn_implementation=cfg.model.attn_implementation)
+    torch.manual_seed(cfg.train.seed + 17)
+    with _quiet_peft():
+        rm = reward_model_from_causal_lm(lm, lora_r=rl.rm_lora_r)
+    pairs = task.preference_pairs
+    n_hold = max(1, len(pairs) // 5)
+    held, train = pairs[:n_hold], pairs[n_hold:]
+    cache = Path(rl.reward_model_path).expanduser() if rl.reward_model_path else None
+    if cache is not None and cache.is_file():
+        saved = torch.load(cache, map_location="cpu")
+        missing = [k for k in saved["state"] if k not in dict(rm.named_parameters())]
+        if missing:
+            raise ValueError(f"rl.reward_model_path {str(cache)!r} does not match this reward model ({missing[:3]})")
+        rm.load_state_dict(saved["state"], strict=False)
+        rm.eval()
+        for p in rm.parameters():
+            p.requires_grad_(False)
+        stats = dict(saved["stats"], loaded_from=str(cache))
+        print(f"drpost rl: reward model loaded from {cache} (held-out pair accuracy "
+              f"{stats['held_out_accuracy']:.3f})", flush=True)
+        return RewardModelScorer(rm, tok, system_prompt=rl.system_prompt), stats
+    before = pair_accuracy(rm, tok, held, system_prompt=rl.system_prompt)
+    t0 = time.perf_counter()
+    trainable = [n for n, p in rm.named_parameters() if p.requires_grad]
+    res = train_reward_model(rm, tok, train, epochs=rl.rm_epochs, batch_size=rl.rm_batch_size, lr=rl.rm_lr,
+                             seed=cfg.train.seed, system_prompt=rl.system_prompt, bf16=cfg.train.bf16,
+                             progress=progress)
+    after = pair_accuracy(rm, tok, held, system_prompt=rl.system_prompt)
+    stats = {"pairs_train": len(train), "pairs_held_out": len(held), "held_out_accuracy_before": before,
+             "held_out_accuracy": after, "final_loss": res["final_loss"], "seconds": time.perf_counter() - t0,
+             "loss_history": [h["loss"] for h in res["history"]]}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        params = dict(rm.named_parameters())
+        torch.save({"state": {n: params[n].detach().clone() for n in trainable}, "stats": stats}, cache)
+    print(f"drpost rl: reward model trained on {len(train)} pairs, held-out pair accuracy {before:.3f} -> "
+          f"{after:.3f}", flush=True)
+    return RewardModelScorer(rm, tok, system_prompt=rl.system_prompt), stats
+
+
+def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train and evaluate one RL run; returns the metrics written to ``metrics.json``."""
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    t_start = time.perf_counter()
+    rl, t = cfg.rl, cfg.train
+    _check_run_dir(cfg, resume=False, overwrite=overwrite)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    set_seed(t.seed)
+    task = rl_tasks.build_task(rl.task, n_train=rl.n_train, n_target=rl.n_target, n_test=rl.n_test,
+                               n_pairs=rl.n_pairs, prompt_words=rl.prompt_words)
+    rm_stats = None
+    if task.kind == "preference":
+        reward_fns, rm_stats = _train_reward_model(cfg, task, progress)
+        scorer, metric = rl_tasks.rouge_l_scorer, "rougeL"
+    else:
+        reward_fns, scorer, metric = [rl_tasks.exact_match_reward], rl_tasks.exact_match_reward, "accuracy"
+    set_seed(t.seed)
+    model, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=_DTYPES[cfg.model.dtype],
+                            attn_implementation=cfg.model.attn_implementation)
+    model = _prepare_trainable(model, cfg)
+    pg = policy_config(cfg)
+    method = "iif" if rl.iif else cfg.drpost.feasible_set
+    run_dir = _make_run_dir(cfg, False, overwrite)
+    save_config(cfg, run_dir / "config.yaml")
+    print(f"drpost rl: {pg.algorithm} on {rl.task} ({task.summary()}), method {method} "
+          f"(frac {pg.frac}, scope {pg.scope}), target {rl.target_source}/{rl.target_loss}, {t.steps} steps of "
+          f"{rl.prompts_per_step}x{rl.group_size} completions -> {run_dir}", flush=True)
+    trainer = PolicyGradientTrainer(model, tok, reward_fns, pg, task.train, task.target)
+    writer = SummaryWriter(str(run_dir / "tensorboard"))
+    eval_tokens = rl.eval_max_new_tokens or rl.max_new_tokens
+    evals, history = [], []
+
+    def do_eval(step: int) -> dict:
+        res = evaluate_policy(trainer.model, tok, task.test, scorer, eval_tokens, rl.system_prompt,
+                              cfg.eval.batch_size)
+        evals.append({"step": step, metric: res["score"]})
+        writer.add_scalar(f"eval/{metric}", res["score"], step)
+        return res
+
+    try:
+        if cfg.eval.at_start:
+            do_eval(0)
+        bar = tqdm(range(t.steps), desc=f"rl {method}", disable=not progress)
+        for step in bar:
+            log = trainer.step()
+            history.append(log)
+            for k, v in log.items():
+                if k != "step" and isinstance(v, float):
+                    writer.add_scalar(f"train/{k}", v, log["step"])
+            bar.set_postfix(reward=f"{log['reward']:.3f}", kept=f"{log['kept']:.2f}")
+            if t.eval_every and log["step"] % t.eval_every == 0 and log["step"] < t.steps:
+                do_eval(log["step"])
+        final = do_eval(t.steps)
+        if t.save_final:
+            trainer.model.save_pretrained(str(run_dir / "final"))
+            tok.save_pretrained(str(run_dir / "final"))
+    finally:
+        trainer.close()
+        writer.close()
+
+    def mean(key):
+        vals = [h[key] for h in history if isinstance(h.get(key), float) and h[key] == h[key]]
+        return sum(vals) / len(vals) if vals else None
+
+    metrics = {
+        "run_dir": str(run_dir), "method": method, "algorithm": pg.algorithm, "task": task.summary(),
+        "metric": metric, "final": {metric: final["score"], "step": t.steps, "n_test": len(task.test)},
+        "start": evals[0] if evals and evals[0]["step"] == 0 else None,
+        "train_means": {k: mean(k) for k in ("reward", "kl", "kept", "target_reward", "zero_std_groups",
+                                             "completion_tokens", "seconds")},
+        "history": {"eval": evals, "train": history}, "reward_model": rm_stats,
+        "seconds_total": time.perf_counter() - t_start, "config": config_to_dict(cfg),
+        "policy_config": trainer.config_dict(),
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+    with open(run_dir / "train_log.jsonl", "w") as f:
+        for h in history:
+            f.write(json.dumps(_jsonable(h)) + "\n")
+    cols = [k for k in task.test[0] if k != "prompt"]
+    (run_dir / "predictions.json").write_text(json.dumps(
+        [{"prompt": r["prompt"], "prediction": c, "score": s, **{k: r[k] for k in cols}}
+         for r, c, s in zip(task.test, final["completions"], final["scores"])], indent=1))
+    start = metrics["start"][metric] if metrics["start"] else float("nan")
+    print(f"done: {method} {metric} {start:.3f} -> {final['score']:.3f} on {len(task.test)} test prompts, "
+          f"mean kept {metrics['train_means']['kept']:.3f}, {metrics['seconds_total']:.0f} s\n"
+          f"run directory: {run_dir}", flush=True)
+    trainer = model = None  # release the policy before returning
+    gc.collect()
+    return metrics

@@ -1,0 +1,102 @@
+"""Reward-model training, the `rl:` config section and `drpost train` end to end for both RL
+recipes (SmolLM2 truncated to one layer, configs/rl_tiny_test.yaml)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from drpost.cli import main
+from drpost.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "rl_tiny_test.yaml")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from drpost.models import smollm2_path
+
+    return AutoTokenizer.from_pretrained(smollm2_path(), local_files_only=True)
+
+
+def test_reward_model_training_reduces_the_bradley_terry_loss(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from drpost.rl.reward_model import bradley_terry_loss, encode_pairs, reward_model_from_causal_lm, \
+        train_reward_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      pad_token_id=tokenizer.pad_token_id)
+    rm = reward_model_from_causal_lm(LlamaForCausalLM(cfg), lora_r=0)
+    pairs = [{"prompt": f"Write a headline: story {i} about {w}", "chosen": f"{w.title()} news today",
+              "rejected": f"today news {w} {w}"} for i, w in enumerate(["markets", "music", "votes", "goals"])]
+
+    def loss():
+        with torch.no_grad():
+            c = rm(**{k: v for k, v in encode_pairs(tokenizer, [p["prompt"] for p in pairs],
+                                                    [p["chosen"] for p in pairs]).items() if k != "labels"})
+            r = rm(**{k: v for k, v in encode_pairs(tokenizer, [p["prompt"] for p in pairs],
+                                                    [p["rejected"] for p in pairs]).items() if k != "labels"})
+        return float(bradley_terry_loss(c, r))
+
+    before = loss()
+    res = train_reward_model(rm, tokenizer, pairs, epochs=15, batch_size=4, lr=3e-3)
+    after = loss()
+    assert after < before - 0.1 and after < math.log(2)
+    assert res["history"][-1]["loss"] < res["history"][0]["loss"]
+    with pytest.raises(ValueError, match="needs 'prompt', 'chosen' and 'rejected'"):
+        train_reward_model(rm, tokenizer, [{"prompt": "x", "chosen": "y"}])
+
+
+def test_rl_config_section_validates_with_clear_errors():
+    cfg = load_config(TINY)
+    assert cfg.recipe == "rl" and cfg.rl.task == "bbc_category"
+    with pytest.raises(ConfigError, match=r"rl.target_batch.*must be <= rl.n_target \(4\)"):
+        load_config(TINY, ["--rl.target_batch", "5"])
+    with pytest.raises(ConfigError, match="did you mean 'rl.group_size'"):
+        load_config(TINY, ["--rl.grup_size", "2"])
+    with pytest.raises(ConfigError, match="did you mean 'bbc_category'"):
+        load_config(TINY, ["--rl.task", "bbc_categroy"])
+    with pytest.raises(ConfigError, match="recipe"):
+        load_config(TINY, ["--recipe", "ppo"])
+    with pytest.raises(ConfigError, match="must be >= 2 for RLOO"):
+        load_config(TINY, ["--rl.algorithm", "rloo", "--rl.group_size", "1"])
+
+
+@pytest.mark.parametrize("extra,metric", [
+    (["--drpost.scope", "global"], "accuracy"),                                    # GRPO + drpost filter
+    (["--rl.task", "bbc_headline", "--rl.iif", "true", "--drpost.feasible_set", "standard"], "rougeL"),  # RM + RLOO, IIF
+])
+def test_drpost_train_rl_end_to_end(tmp_path, extra, metric):
+    assert main(["train", TINY, "--output_dir", str(tmp_path), "--no-progress", *extra]) == 0
+    run = tmp_path / "rl_tiny_test"
+    m = json.loads((run / "metrics.json").read_text())
+    for name in ("config.yaml", "train_log.jsonl", "predictions.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert m["metric"] == metric and 0.0 <= m["final"][metric] <= 1.0
+    steps = m["config"]["train"]["steps"]
+    assert [h["step"] for h in m["history"]["train"]] == list(range(1, steps + 1))
+    for h in m["history"]["train"]:
+        assert 0.0 <= h["kept"] <= 1.0 and math.isfinite(h["reward"])
+    evals = [e["step"] for e in m["history"]["eval"]]
+    assert evals[0] == 0 and evals[-1] == steps
+    if metric == "rougeL":
+        assert m["reward_model"]["pairs_train"] > 0 and 0 <= m["reward_model"]["held_out_accuracy"] <= 1
+    preds = json.loads((run / "predictions.json").read_text())
+    assert len(preds) == m["task"]["test"] and all("prediction" in p for p in preds)
+
+
+def test_rl_run_rejects_resume(tmp_path):
+    assert main(["train", TINY, "--output_dir", str(tmp_path), "--no-progress", "--resume"]) != 0
+
+
+def test_spectrum_refuses_an_rl_recipe(tmp_path):
+    assert main(["spectrum", TINY, "--output_dir", str(tmp_path), "--no-progress"]) != 0

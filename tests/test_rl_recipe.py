@@ -100,3 +100,14 @@ def test_rl_run_rejects_resume(tmp_path):
 
 def test_spectrum_refuses_an_rl_recipe(tmp_path):
     assert main(["spectrum", TINY, "--output_dir", str(tmp_path), "--no-progress"]) != 0
+
+
+def test_rl_recipe_refuses_torchrun(monkeypatch):
+    from drpost.config import load_config
+    from drpost.recipes.rl import run_rl
+    from drpost.recipes.sft import RunDirError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "rl_tiny_test.yaml"))
+    with pytest.raises(RunDirError, match="RL recipe runs in one process"):
+        run_rl(cfg)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from drpost.rl import tasks as rl_tasks
 from drpost.rl.reward_model import (RewardModelScorer, pair_accuracy, reward_model_from_causal_lm,
                                     train_reward_model)
 
-from .sft import _DTYPES, _check_run_dir, _jsonable, _make_run_dir, _prepare_trainable, _quiet_peft
+from .sft import RunDirError, _DTYPES, _check_run_dir, _jsonable, _make_run_dir, _prepare_trainable, _quiet_peft
 
 __all__ = ["run_rl", "evaluate_policy"]
 
@@ -114,6 +115,10 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
 
     t_start = time.perf_counter()
     rl, t = cfg.rl, cfg.train
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RunDirError("the RL recipe runs in one process (rollouts, reward model and evaluation are not "
+                          "sharded yet): launch `drpost train` without torchrun; docs/rl_at_scale.md has the "
+                          "design for several processes")
     _check_run_dir(cfg, resume=False, overwrite=overwrite)
     if t.threads:
         torch.set_num_threads(t.threads)

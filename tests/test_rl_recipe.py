@@ -111,3 +111,17 @@ def test_rl_recipe_refuses_torchrun(monkeypatch):
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "rl_tiny_test.yaml"))
     with pytest.raises(RunDirError, match="RL recipe runs in one process"):
         run_rl(cfg)
+
+
+def test_rl_task_splits_are_disjoint():
+    """METHOD §9.8 (evaluation prompts overlapping training prompts): train, target and test articles differ."""
+    from drpost.rl.tasks import build_task
+
+    for name in ("bbc_category", "bbc_headline"):
+        task = build_task(name, n_train=40, n_target=8, n_test=20, n_pairs=16)
+        ids = [{r["id"] for r in split} for split in (task.train, task.target, task.test)]
+        assert [len(s) for s in ids] == [40, 8, 20], name
+        assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2]), name
+        if task.preference_pairs:
+            test_prompts = {r["prompt"] for r in task.test}
+            assert not test_prompts & {p["prompt"] for p in task.preference_pairs}

@@ -18,8 +18,11 @@ $DRPOST bench --seq 512 --dtype bf16 --no-naive --configs layerwise:auto,layerwi
 $DRPOST bench --seq 512 --dtype fp32 --no-naive --configs layerwise:auto,layerwise:sketch,global:auto --out "$OUT" --no-progress
 # separate target strategy: the target gradient captured every 4 steps instead of a target row in every step
 $DRPOST bench --seq 128 --dtype fp32 --no-naive --configs layerwise:auto,layerwise:sketch,global:auto \
-    --target-strategy separate --refresh-every 4 --reps 8 --out "$OUT" --no-progress
+    --target-strategy separate --refresh-every 4 --reps 8 --memory off --out "$OUT" --no-progress
 # ratio vs T and vs V
-.venv/bin/python benchmarks/bench_scaling.py --dtype bf16 --seqs 64,128,256,512 --targets 1,2,4,8 --out "$OUT"
+.venv/bin/python benchmarks/bench_scaling.py --dtype bf16 --configs layerwise:auto,layerwise:sketch \
+    --seqs 64,128,256,512 --targets 1,2,4,8 --out "$OUT"
+# the collectives' cost: 2 processes (gloo), distributed drpost vs a plain DDP step
+.venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/bench_distributed.py --out "$OUT"
 # MeSO optimizer-state memory on the embedded model
 .venv/bin/python benchmarks/meso_memory.py --out "$OUT"

@@ -174,21 +174,21 @@ class RLConfig:
     n_test: int = 60  # held-out test prompts (greedy decoding)
     n_pairs: int = 128  # bbc_headline: reward-model preference pairs (80% train, 20% held out)
     prompt_words: int = 25  # words of the article in a prompt
-    prompts_per_step: int = 4
+    prompts_per_step: int = 4  # training prompts rolled out per step
     group_size: int = 4  # completions per prompt
     micro_batch: int = 8  # rows per forward/backward (drpost selects per micro-batch)
     mini_batches: int = 1  # optimiser steps per pass over a rollout
     epochs: int = 1  # passes over each rollout
     max_new_tokens: int = 3
     eval_max_new_tokens: Optional[int] = None  # None: max_new_tokens
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling temperature of the rollouts
     beta: float = 0.04  # KL coefficient (GRPO: k3 loss term; RLOO: KL-shaped reward)
-    clip_eps: float = 0.2
+    clip_eps: float = 0.2  # PPO-style ratio clipping of the policy-gradient loss
     system_prompt: Optional[str] = None  # None: the chat template's default system turn
     rm_epochs: int = 2  # reward model (bbc_headline): Bradley-Terry epochs over the pairs
-    rm_lr: float = 1e-3
-    rm_batch_size: int = 8
-    rm_lora_r: int = 8
+    rm_lr: float = 1e-3  # reward model: AdamW learning rate
+    rm_batch_size: int = 8  # reward model: preference pairs per step
+    rm_lora_r: int = 8  # reward model: LoRA rank of its decoder
     reward_model_path: Optional[str] = None  # cache file of the trained reward model (loaded if it exists)
 
 

@@ -67,8 +67,8 @@ import torch
 from tqdm.auto import tqdm
 
 from drpost.data import collate, headline_splits, tokenize_examples
-from drpost.evaluation import generate, perplexity, rouge
 from drpost.distributed import LaunchRanks
+from drpost.evaluation import generate, perplexity, rouge
 from drpost.models import load_model
 
 __all__ = ["DemoConfig", "run_demo", "add_demo_arguments", "config_from_args", "METHODS", "KNOWN_METHODS"]

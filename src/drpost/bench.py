@@ -13,8 +13,9 @@ device) it times, **alternating in one process** so that machine drift hits ever
   forward/backward on the chosen rows only).
 
 Each variant gets ``warmup`` untimed and ``reps`` timed steps; the report gives the median step
-time, the ratio of medians to ``plain``, the peak memory during the step (RSS sampled every
-millisecond on CPU, the allocator's peak on CUDA) and its ratio to ``plain``, and, from
+time, the ratio of medians to ``plain``, the peak memory of a step and its ratio to ``plain`` (on
+CPU measured in a fresh process per variant: a warm-up step, the kernel's peak-RSS counter reset,
+one measured step; on CUDA the allocator's peak), and, from
 ``breakdown_reps`` extra steps with a :class:`~drpost.profiling.PhaseTimer`, the time per phase:
 forward, backward (activation gradients and autograd: everything in the backward pass that is not
 drpost's own work), scoring, selection, chosen weight gradient, assembly (``.grad`` writing),

@@ -93,7 +93,7 @@ def test_pg_scores_selection_and_update_match_batch_size_one_oracle(scope, beta)
     g_rows, t_rows = per_sample(model, general, beta), per_sample(model, target, 0.0)
     tokens = (general["labels"][:, 1:] != -100).sum(1).double()
     t_total = (target["labels"][:, 1:] != -100).sum().double()
-    reg = DataRegularizer(model, "filter", 1.0, scoring="reduced_ghost", scope=scope, target_strategy="separate",
+    reg = DataRegularizer(model, feasible_set="filter", frac=1.0, scoring="reduced_ghost", scope=scope, target_strategy="separate",
                           loss_fn=PolicyLoss(EPS, beta))
     reg.capture_target(target)
     reg.backward(general)
@@ -131,7 +131,7 @@ def test_kl_term_and_advantages_change_the_scores():
         general = rl_batch(4, 9, seed=4)
         if flip:
             general["advantages"] = -general["advantages"]
-        reg = DataRegularizer(model, "filter", 1.0, scoring="reduced_ghost", scope="global",
+        reg = DataRegularizer(model, feasible_set="filter", frac=1.0, scoring="reduced_ghost", scope="global",
                               target_strategy="separate", loss_fn=PolicyLoss(EPS, beta))
         reg.capture_target(rl_batch(2, 8, seed=5, with_old=False, with_ref=False))
         reg.backward(general)
@@ -153,7 +153,7 @@ def test_filter_with_every_score_nonnegative_equals_plain_grpo_step_for_step():
     def run(filtered):
         model = models_tiny.llama(tied=False)
         fset = "filter" if filtered else "standard"
-        reg = DataRegularizer(model, fset, 1.0, scoring="reduced_ghost", target_strategy="separate",
+        reg = DataRegularizer(model, feasible_set=fset, frac=1.0, scoring="reduced_ghost", target_strategy="separate",
                               loss_fn=PolicyLoss(EPS, BETA), refresh_every=10 ** 9)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         trace = []

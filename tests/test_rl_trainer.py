@@ -122,7 +122,7 @@ def test_iif_scores_the_whole_rollout_once_and_reports_all_of_it(fake_rollouts, 
     target = {k: seen["rows"][k] for k in ("input_ids", "attention_mask", "labels")}
     target["advantages"] = zscore_rewards(torch.tensor(rewards, dtype=torch.float64))
     fresh = make({"feasible_set": "standard", "iif": True, "frac": 1.0, "target_source": "self"})
-    reg = DataRegularizer(fresh.model, "filter", 1.0, scoring="reduced_ghost", scope="global",
+    reg = DataRegularizer(fresh.model, feasible_set="filter", frac=1.0, scoring="reduced_ghost", scope="global",
                           target_strategy="separate", loss_fn=fresh.loss)
     reg.capture_target(target, chunk_size=5)
     reg.backward(seen["rows"])

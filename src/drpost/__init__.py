@@ -5,12 +5,12 @@ onto it. ``DataRegularizer`` attaches to any PyTorch language model and replaces
 ``loss.backward()``.
 """
 from .batch import causal_lm_token_losses
-from .engine import DataRegularizer, NonFiniteError, StepStats
+from .engine import DataRegularizer, DrPostOptions, NonFiniteError, OptionError, StepStats
 from .feasible import FEASIBLE_SETS, filter_mask, greedy_mask, num_selected, random_mask, topk_mask
 from .scoring import BACKENDS
 
 __version__ = "0.1.0"
 
-__all__ = ["DataRegularizer", "StepStats", "NonFiniteError", "FEASIBLE_SETS", "BACKENDS",
+__all__ = ["DataRegularizer", "DrPostOptions", "OptionError", "StepStats", "NonFiniteError", "FEASIBLE_SETS", "BACKENDS",
            "topk_mask", "filter_mask", "random_mask", "greedy_mask", "num_selected",
            "causal_lm_token_losses"]

@@ -164,10 +164,10 @@ class PolicyGradientTrainer:
                       nonfinite=cfg.nonfinite, pad_token_id=self.pad_id, seed=cfg.seed)
         self.scorer = None
         if cfg.iif:   # whole-rollout scoring (global decision, filter), then plain training
-            self.scorer = DataRegularizer(model, "filter", cfg.frac, scope="global", **common)
-            self.engine = DataRegularizer(model, "standard", 1.0, **common)
+            self.scorer = DataRegularizer(model, feasible_set="filter", frac=cfg.frac, scope="global", **common)
+            self.engine = DataRegularizer(model, feasible_set="standard", frac=1.0, **common)
         else:
-            self.engine = DataRegularizer(model, cfg.feasible_set, cfg.frac, scope=cfg.scope, **common)
+            self.engine = DataRegularizer(model, feasible_set=cfg.feasible_set, frac=cfg.frac, scope=cfg.scope, **common)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._params = params

@@ -25,16 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import distributed as _dist
-from . import feasible as fs
-from .batch import check_batch, merge_batches, require_supervised, row_losses
-from .group import LayerGroup, ScoringConfig, add_into
-from .layers import Factors, RowRestrictedRule, is_norm, scored_rule_for, unscored_rule_for
-from .scoring import check_backend, parse_sketch
+from .. import distributed as _dist
+from .. import feasible as fs
+from ..batch import check_batch, merge_batches, require_supervised, row_losses
+from ..group import LayerGroup, ScoringConfig, add_into
+from ..layers import Factors, RowRestrictedRule, is_norm, scored_rule_for, unscored_rule_for
+from .options import DrPostOptions, overrides_of
 
-TARGET_STRATEGIES = ("merged", "separate")
-SCORE_NORMS = ("none", "per_token", "cosine")
-NONFINITE = ("error", "skip")
 _CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList)
 
 
@@ -117,21 +114,11 @@ class DataRegularizer:
             with ``.logits``). Trainable ``nn.Linear``/GPT-2 ``Conv1D``/``nn.Embedding`` modules are
             scored (PEFT LoRA adapters are such Linears); other leaf modules with trainable
             parameters (norms) are trained on all general rows.
-        feasible_set: ``standard`` | ``target_only`` | ``global`` | ``layerwise`` | ``filter`` |
-            ``greedy`` | ``rowwise`` | ``random``.
-        frac: regularization strength in (0, 1]: top-k sets keep k = max(1, floor(B*frac)) samples;
-            ``filter`` drops that share of the negatively scored samples.
-        scoring: ``reduced_ghost`` | ``pairwise_ghost`` | ``direct`` | ``sketch`` | ``auto``.
-        target_strategy: ``merged`` (target rows in the same forward/backward) or ``separate``
-            (target gradient captured first and cached for ``refresh_every`` steps).
-        score_norm: ``none`` | ``per_token`` | ``cosine`` normalisation before selection.
-        scope: ``layer`` or ``global`` decision for ``filter``, ``greedy`` and ``random``.
-        sketch: sketch spec for ``scoring="sketch"``, e.g. ``gaussian-64x64``, ``countsketch-32x32``.
-        greedy_lr: the step size eta weighing the second-order term of ``greedy``.
-        nonfinite: ``error`` raises on a NaN/inf loss, score or target gradient; ``skip`` drops the
-            whole step (all ``.grad`` set to None, so ``optimizer.step()`` does nothing).
+        options: a :class:`drpost.DrPostOptions` (feasible set, frac, scoring, target strategy, ...;
+            every knob, its default and its help text are declared there). ``**overrides`` replace
+            some of its fields: ``DataRegularizer(model, feasible_set="global", frac=0.25)``.
         loss_fn: optional per-token loss ``loss_fn(logits, batch) -> (losses [N, L], mask [N, L])``.
-        direct_max_mb: memory bound of the materialised per-sample gradients of ``direct``.
+        pad_token_id: the id the target rows are padded with when merged (default: the model config's).
         process_group: the torch.distributed group of the data-parallel ranks (default: the world).
         distributed: None (default) runs distributed when torch.distributed is initialised and the
             group has more than one process; False forces single-process behaviour; True requires
@@ -141,12 +128,9 @@ class DataRegularizer:
             The model must not be wrapped in DistributedDataParallel: drpost reduces the gradients.
     """
 
-    def __init__(self, model: torch.nn.Module, feasible_set: str = "layerwise", frac: float = 0.5,
-                 scoring: str = "auto", *, target_strategy: str = "merged", score_norm: str = "none",
-                 scope: str = "layer", sketch: str = "gaussian-64x64", seed: int = 0,
-                 greedy_lr: float = 1e-4, refresh_every: int = 1, nonfinite: str = "error",
-                 loss_fn=None, direct_max_mb: float = 256.0, pad_token_id: int | None = None,
-                 process_group=None, distributed: bool | None = None):
+    def __init__(self, model: torch.nn.Module, options: DrPostOptions | None = None, *, loss_fn=None,
+                 pad_token_id: int | None = None, process_group=None, distributed: bool | None = None,
+                 **overrides):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if _dist.is_ddp(model):
@@ -156,29 +140,20 @@ class DataRegularizer:
                              "written by drpost, not by autograd)")
         if _dist.is_fsdp(model):
             raise ValueError(_dist.FSDP_UNSUPPORTED)
-        if feasible_set not in fs.FEASIBLE_SETS:
-            raise ValueError(f"unknown feasible_set {feasible_set!r}; choose one of {', '.join(fs.FEASIBLE_SETS)}")
-        fs.check_frac(frac)
-        check_backend(scoring)
-        for value, allowed, what in ((target_strategy, TARGET_STRATEGIES, "target_strategy"),
-                                     (score_norm, SCORE_NORMS, "score_norm"), (scope, fs.SCOPES, "scope"),
-                                     (nonfinite, NONFINITE, "nonfinite")):
-            if value not in allowed:
-                raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
-        if not isinstance(refresh_every, int) or refresh_every < 1:
-            raise ValueError(f"refresh_every must be a positive integer, got {refresh_every!r}")
-        self.sketch_kind, self.sketch_k1, self.sketch_k2 = parse_sketch(sketch)
-        self.model, self.feasible_set, self.frac, self.scoring = model, feasible_set, float(frac), scoring
-        self.target_strategy, self.score_norm, self.seed = target_strategy, score_norm, int(seed)
-        self.scope = {"global": "global", "layerwise": "layer", "rowwise": "layer"}.get(feasible_set, scope)
-        self.greedy_lr, self.refresh_every, self.nonfinite = float(greedy_lr), refresh_every, nonfinite
-        self.loss_fn, self.direct_max_bytes = loss_fn, float(direct_max_mb) * 2 ** 20
+        self.options = opts = overrides_of(options, **overrides)
+        self.sketch_kind, self.sketch_k1, self.sketch_k2 = opts.sketch_spec
+        self.model, self.feasible_set, self.frac, self.scoring = model, opts.feasible_set, opts.frac, opts.scoring
+        self.target_strategy, self.score_norm, self.seed = opts.target_strategy, opts.score_norm, opts.seed
+        self.scope = opts.decision_scope
+        self.greedy_lr, self.refresh_every, self.nonfinite = opts.greedy_lr, opts.refresh_every, opts.nonfinite
+        self.loss_fn, self.direct_max_bytes = loss_fn, opts.direct_max_mb * 2 ** 20
         self.pad_token_id = pad_token_id if pad_token_id is not None else \
             (getattr(getattr(model, "config", None), "pad_token_id", None) or 0)
         self._generator = torch.Generator().manual_seed(self.seed)
-        self._scoring_cfg = ScoringConfig(scoring, self.sketch_kind, self.sketch_k1, self.sketch_k2, self.seed,
-                                          self.direct_max_bytes, score_norm,
-                                          target_factors=target_strategy == "merged" or scoring == "pairwise_ghost")
+        self._scoring_cfg = ScoringConfig(self.scoring, self.sketch_kind, self.sketch_k1, self.sketch_k2, self.seed,
+                                          self.direct_max_bytes, self.score_norm,
+                                          target_factors=self.target_strategy == "merged"
+                                          or self.scoring == "pairwise_ghost")
 
         self._mode = None               # None (hooks idle) | "merged" | "capture" | "general"
         self._rows = 0                  # rows of the batch in the current forward
@@ -286,11 +261,8 @@ class DataRegularizer:
         scored = [(g.name, [tuple(p.shape) for p in g.params]) for g in self._groups]
         params = [(tuple(p.shape), str(p.dtype)) for p in self._trainable]
         _dist.check_same_config(self._dist, {
-            "feasible_set": self.feasible_set, "frac": self.frac, "scoring": self.scoring,
-            "target_strategy": self.target_strategy, "score_norm": self.score_norm, "scope": self.scope,
-            "sketch": (self.sketch_kind, self.sketch_k1, self.sketch_k2), "seed": self.seed,
-            "greedy_lr": self.greedy_lr, "refresh_every": self.refresh_every, "nonfinite": self.nonfinite,
-            "pad_token_id": self.pad_token_id, "loss_fn": None if self.loss_fn is None else "custom",
+            **self.options.fingerprint(), "pad_token_id": self.pad_token_id,
+            "loss_fn": None if self.loss_fn is None else "custom",
             "scored_layers": f"{len(scored)} (shapes {digest(scored)})",
             "trainable_parameters": f"{len(params)} (shapes/dtypes {digest(params)})"})
         if self.feasible_set == "greedy":

@@ -1,0 +1,226 @@
+"""Every knob of the Dr. Post-Training engine, declared once: :class:`DrPostOptions`.
+
+Each field carries its type, its default and its help text (``field(metadata={"help": ...})``,
+as TRL's configs do); ``__post_init__`` holds the only checks; :meth:`DrPostOptions.fingerprint`
+is what the ranks of a distributed run compare. Everything that configures the engine embeds
+this class instead of repeating it:
+
+* ``DataRegularizer(model, options=None, **overrides)``;
+* ``DrPostArguments(TrainingArguments, DrPostOptions)`` (the HF argument parser sees the fields);
+* the recipes' YAML ``drpost:`` section, the RL trainer's config, the demo and ``drpost bench``,
+  whose command-line flags are generated from these fields (:func:`add_arguments`).
+
+A front end that wants another default for a knob re-declares it with :func:`option`, which
+copies the help text and choices of the original field: the knob is still owned here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..feasible import FEASIBLE_SETS, SCOPES
+from ..scoring import BACKENDS, parse_sketch
+
+TARGET_STRATEGIES = ("merged", "separate")
+SCORE_NORMS = ("none", "per_token", "cosine")
+NONFINITE = ("error", "skip")
+# feasible sets whose decision scope is fixed by their definition (``scope`` is ignored for them)
+FIXED_SCOPE = {"global": "global", "layerwise": "layer", "rowwise": "layer"}
+
+
+class OptionError(ValueError):
+    """A bad value of one engine option; ``.option`` names it (front ends prefix their own key)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+def _help(text: str, choices=None) -> dict:
+    meta = {"help": text}
+    if choices is not None:
+        meta["choices"] = list(choices)
+    return meta
+
+
+@dataclass
+class DrPostOptions:
+    """The options of :class:`drpost.DataRegularizer` (see the field help texts)."""
+
+    feasible_set: str = field(default="layerwise", metadata=_help(
+        "Feasible set of update directions built from the general batch: 'standard' (plain training), "
+        "'target_only', 'global', 'layerwise', 'rowwise', 'filter', 'greedy' or 'random'.", FEASIBLE_SETS))
+    frac: float = field(default=0.5, metadata=_help(
+        "Regularization strength in (0, 1]: top-k feasible sets keep k = max(1, floor(B * frac)) general "
+        "samples per decision; 'filter' drops this share of the negatively scored samples. frac=1 keeps "
+        "every sample (plain training for the top-k sets)."))
+    scoring: str = field(default="auto", metadata=_help(
+        "How the per-sample scores <G_i, g_T> are computed: 'reduced_ghost', 'pairwise_ghost', 'direct', "
+        "'sketch' (approximate) or 'auto' (the cheapest exact back-end per layer).", BACKENDS))
+    target_strategy: str = field(default="merged", metadata=_help(
+        "'merged': the target rows ride in the same forward/backward as the general batch; 'separate': the "
+        "target gradient is captured first and reused for `refresh_every` steps.", TARGET_STRATEGIES))
+    refresh_every: int = field(default=1, metadata=_help(
+        "target_strategy='separate': recapture the target gradient every this many optimisation steps."))
+    score_norm: str = field(default="none", metadata=_help(
+        "Score normalisation before selection: 'none' (the paper), 'per_token' (s_i / T_i) or 'cosine'.",
+        SCORE_NORMS))
+    scope: str = field(default="layer", metadata=_help(
+        "Decision scope of 'filter', 'greedy' and 'random': per 'layer' or one 'global' decision "
+        "(global/layerwise/rowwise fix their own scope).", SCOPES))
+    sketch: str = field(default="gaussian-64x64", metadata=_help(
+        "Sketch of scoring='sketch': 'gaussian-K1xK2' or 'countsketch-K1xK2' (K1 projects the output-gradient "
+        "side, K2 the input side)."))
+    seed: int = field(default=0, metadata=_help(
+        "Seed of the 'random' feasible set and of the sketches."))
+    greedy_lr: float = field(default=1e-4, metadata=_help(
+        "Step size eta weighing the second-order term of feasible_set='greedy'."))
+    nonfinite: str = field(default="error", metadata=_help(
+        "On a NaN/inf loss, score, target gradient or assembled gradient: raise an 'error' naming it, or "
+        "'skip' the optimisation step (every .grad set to None).", NONFINITE))
+    direct_max_mb: float = field(default=256.0, metadata=_help(
+        "Memory bound (MiB) of the per-sample gradients the 'direct' back-end materialises (it works in "
+        "chunks above it; 'auto' never picks it above it)."))
+
+    def __post_init__(self):
+        self.check_options()
+
+    # ------------------------------------------------------------------ checks
+    def check_options(self) -> None:
+        """Every check of the engine's options (called by ``__post_init__``)."""
+        for f in dataclasses.fields(DrPostOptions):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and value not in choices:
+                raise OptionError(f.name, f"unknown {f.name} {value!r}; choose one of {', '.join(choices)}")
+        frac = self.frac
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < float(frac) <= 1.0:
+            raise OptionError("frac", f"frac (the regularization strength) must be a number in (0, 1], got "
+                                      f"{frac!r}: frac=1 keeps every general sample (plain training), smaller "
+                                      "values keep fewer")
+        self.frac = float(frac)
+        for name, low, what in (("refresh_every", 1, "a positive integer"), ("seed", 0, "an integer >= 0")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise OptionError(name, f"{name} must be {what}, got {value!r}")
+        for name in ("greedy_lr", "direct_max_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not value > 0:
+                raise OptionError(name, f"{name} must be a positive number, got {value!r}")
+            setattr(self, name, float(value))
+        try:
+            parse_sketch(self.sketch)
+        except ValueError as err:
+            raise OptionError("sketch", str(err)) from None
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def decision_scope(self) -> str:
+        """'layer' or 'global': the scope the feasible set decides in."""
+        return FIXED_SCOPE.get(self.feasible_set, self.scope)
+
+    @property
+    def selects(self) -> bool:
+        """Does this feasible set choose among the general samples (hooks needed)?"""
+        return self.feasible_set not in ("standard", "target_only")
+
+    @property
+    def sketch_spec(self) -> tuple[str, int, int]:
+        return parse_sketch(self.sketch)
+
+    def engine_options(self) -> "DrPostOptions":
+        """The plain :class:`DrPostOptions` part of a subclass (trainer or recipe options)."""
+        return DrPostOptions(**{name: getattr(self, name) for name in option_names()})
+
+    def fingerprint(self) -> dict:
+        """What every rank of a distributed run must agree on (compared as digests)."""
+        out = {name: getattr(self, name) for name in option_names()}
+        out["decision_scope"] = self.decision_scope
+        out["sketch"] = self.sketch_spec
+        return out
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(DrPostOptions)]
+
+
+def option(name: str, default: Any) -> Any:
+    """A dataclass field for a subclass that gives engine option ``name`` another default; type, help
+    text and choices stay those of :class:`DrPostOptions` (and its checks still apply)."""
+    base = {f.name: f for f in dataclasses.fields(DrPostOptions)}[name]
+    return field(default=default, metadata=dict(base.metadata))
+
+
+def overrides_of(options: DrPostOptions | None, **overrides) -> DrPostOptions:
+    """``options`` (default: the defaults) with some fields replaced, checked again."""
+    base = DrPostOptions() if options is None else options
+    if not isinstance(base, DrPostOptions):
+        raise TypeError(f"options must be a drpost.DrPostOptions, got {type(base).__name__}; pass the engine's "
+                        "knobs as keywords (feasible_set='layerwise', frac=0.5, ...) or as DrPostOptions(...)")
+    unknown = sorted(set(overrides) - set(option_names()))
+    if unknown:
+        raise TypeError(f"unknown drpost option(s) {unknown}; the options are {', '.join(option_names())}")
+    return dataclasses.replace(base.engine_options(), **overrides) if overrides else base.engine_options()
+
+
+def short_digest(value: Any) -> str:
+    return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------ command-line flags
+def _flag_type(tp):
+    if typing.get_origin(tp) is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        base = _flag_type(inner)
+
+        def optional(text: str):
+            return None if text.strip().lower() in ("none", "null") else base(text)
+        optional.__name__ = getattr(base, "__name__", "value")
+        return optional
+    if tp is bool:
+        raise TypeError("boolean options are added with BooleanOptionalAction")
+    return tp
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = DrPostOptions, include=None, exclude=(),
+                  defaults: dict | None = None, dashes: bool = True) -> list[str]:
+    """Add one ``--flag`` per field of the dataclass ``cls`` (type, default, help and choices from the
+    field); return the names added. ``include``/``exclude`` pick fields; ``defaults`` replaces some
+    defaults (a front end's own). ``--score-norm`` and ``--score_norm`` are both accepted."""
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        if (include is not None and f.name not in include) or f.name in exclude or not f.init:
+            continue
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING
+                                       else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                                       else None)
+        text = f.metadata.get("help", "")
+        flags = [f"--{f.name.replace('_', '-')}"] if dashes else []
+        if f"--{f.name}" not in flags:
+            flags.append(f"--{f.name}")
+        kwargs: dict = {"dest": f.name, "default": default,
+                        "help": text.replace("%", "%%") + " (default %(default)s)"}
+        tp = hints[f.name]
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _flag_type(tp)
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(*flags, **kwargs)
+        names.append(f.name)
+    return names
+
+
+def from_arguments(ns: argparse.Namespace, cls: type = DrPostOptions, **fixed):
+    """An instance of ``cls`` from the flags :func:`add_arguments` added (absent fields keep defaults)."""
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(ns, f.name)}
+    values.update(fixed)
+    return cls(**values)

@@ -120,7 +120,7 @@ def run_engine(kw, general, target, rank=0, world=1, micro=1, nan_step=None, **e
         masks.append({k: v.clone() for k, v in reg.last_masks.items()})
         selected.append({k: float(v) for k, v in stats.selected.items()})
         skipped.append(stats.skipped)
-    return {"masks": masks, "selected": selected, "skipped": skipped, "distributed": reg._dist is not None,
+    return {"masks": masks, "selected": selected, "skipped": skipped, "distributed": reg.distributed,
             "params": {n: p.detach().clone() for n, p in m.named_parameters()}}
 
 
@@ -167,7 +167,7 @@ def run_hf(out_dir: str, per_device: int):
     logs = [{k: r[k] for k in ("loss", "selected_mean") if k in r} for r in t.state.log_history if "loss" in r]
     wrapped = type(t.model_wrapped).__name__
     return {"params": {n: p.detach().clone() for n, p in m.named_parameters()}, "logs": logs, "wrapped": wrapped,
-            "world": t.args.world_size, "distributed": t.regularizer._dist is not None,
+            "world": t.args.world_size, "distributed": t.regularizer.distributed,
             "masks": {k: v.clone() for k, v in t.regularizer.last_masks.items()}}
 
 
@@ -410,7 +410,7 @@ def test_single_process_is_untouched():
     """No process group: no distributed context, and distributed=True is refused with a hint."""
     from drpost import DataRegularizer
 
-    assert DataRegularizer(model())._dist is None
+    assert DataRegularizer(model()).distributed is False
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         DataRegularizer(model(), distributed=True)
 

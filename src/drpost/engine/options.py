@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -167,10 +166,6 @@ def overrides_of(options: DrPostOptions | None, **overrides) -> DrPostOptions:
     if unknown:
         raise TypeError(f"unknown drpost option(s) {unknown}; the options are {', '.join(option_names())}")
     return dataclasses.replace(base.engine_options(), **overrides) if overrides else base.engine_options()
-
-
-def short_digest(value: Any) -> str:
-    return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------ command-line flags

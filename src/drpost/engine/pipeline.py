@@ -1,0 +1,174 @@
+"""The per-layer pipeline: score -> select -> accumulate, run from inside the one backward.
+
+The hooks' tap hands every backward call's factors to :meth:`Pipeline.on_factors`. When all the
+calls of a group are in, the group is scored against the target (``capture`` mode caches the
+target instead), the feasible set picks its subset (:mod:`drpost.engine.selection`, through the
+reduction, which gathers the scores of every rank when distributed) and the chosen samples'
+gradient is added to the group's accumulator. ``global``-scope sets retain the scores of every
+layer and decide once, after the backward (:meth:`finish_global`).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .. import feasible as fs
+from ..group import LayerGroup, add_into
+from . import selection
+from .state import StepState, TargetState
+
+
+class Pipeline:
+    """The sink of the hooks (see :class:`drpost.engine.hooks.Sink`) and the per-layer work."""
+
+    def __init__(self, options, scoring_cfg, reduction, target: TargetState, generator: torch.Generator, warn):
+        self.options, self.scoring_cfg, self.reduction = options, scoring_cfg, reduction
+        self.target, self.generator, self.warn = target, generator, warn
+        self.step = StepState()
+        self.groups: list[LayerGroup] = []
+        self.profiler = None             # a drpost.profiling.PhaseTimer (drpost bench)
+        self.last_scores: dict = {}
+        self.last_masks: dict = {}
+        self.last_global_scores = None   # global scope: summed (normalised) scores and the one subset
+        self.last_global_mask = None
+        self.layer_backends: dict = {}
+
+    # ------------------------------------------------------------------ what the hooks read
+    @property
+    def mode(self):
+        return self.step.mode
+
+    @property
+    def rows(self) -> int:
+        return self.step.rows
+
+    @property
+    def general_rows(self) -> int:
+        return self.step.n_general
+
+    def phase(self, name: str):
+        return nullcontext() if self.profiler is None else self.profiler.phase(name)
+
+    def new_step(self) -> None:
+        for g in self.groups:
+            g.reset()
+        self.step = StepState()
+
+    def begin_forward(self, mode, rows: int, n_general: int, n_target: int) -> None:
+        self.step.begin_forward(mode, rows, n_general, n_target)
+        for g in self.groups:
+            g.calls, g.pending = 0, []
+
+    # ------------------------------------------------------------------ what the hooks hand in
+    def on_plain_grads(self, grads: dict) -> None:
+        for p, g in grads.items():
+            add_into(self.step.plain_acc, p, g)
+
+    def on_factors(self, group: LayerGroup, rule, f) -> None:
+        step = self.step
+        if step.mode == "capture":
+            group.pending.append((rule, None, f))
+        elif step.mode == "merged":
+            b = step.n_general
+            group.pending.append((rule, f.rows(slice(0, b)), f.rows(slice(b, None))))
+        else:
+            group.pending.append((rule, f, None))
+        if len(group.pending) == group.calls:
+            self._complete(group)
+
+    def _complete(self, group: LayerGroup) -> None:
+        if self.step.mode == "capture":
+            self._capture_group(group)
+        else:
+            self._process_group(group)
+
+    def flush_pending(self) -> None:
+        """Groups whose every forward call did not reach the loss (e.g. a module called twice with
+        one output unused) are processed with the calls that did."""
+        for group in self.groups:
+            if group.pending:
+                group.calls = len(group.pending)
+                self._complete(group)
+
+    # ------------------------------------------------------------------ score
+    def _shape(self, s: int):
+        b, v = self.step.n_general, self.step.n_target
+        return b, v, s, fs.num_selected(max(b, 1), self.options.frac)
+
+    def _capture_group(self, group: LayerGroup) -> None:
+        parts = group.take_pending()
+        backend = group.backend(self.scoring_cfg, parts[0][0], *self._shape(parts[0][2].a.shape[1]))
+        with self.phase("target_capture"):
+            group.capture(self.scoring_cfg, parts, backend, self.options.feasible_set == "rowwise")
+
+    def _process_group(self, group: LayerGroup) -> None:
+        """All backward calls of a group are in: score, then choose (or wait for the global choice)."""
+        cfg, parts, step = self.scoring_cfg, group.take_pending(), self.step
+        rows = self.options.feasible_set == "rowwise"
+        shape = self._shape(parts[0][1].a.shape[1])
+        with self.phase("scoring"):
+            if step.mode == "merged":
+                backend = group.backend(cfg, parts[0][0], *shape)
+                target = group.target_repr(cfg, parts, backend, rows)
+            else:
+                backend, target = group.cached_target(cfg, parts[0][0], *shape)
+            self.layer_backends[group.name] = backend
+            raw, per_sample = group.scores(cfg, parts, target, backend, rows)
+            scores = raw / self.target.tokens
+            self.last_scores[group.name] = scores
+            flag = ~torch.isfinite(scores).all()
+            group.bad = flag if group.bad is None else (group.bad | flag)
+            normed = group.normalise(cfg, parts, scores, target, backend, rows, step.tokens_general,
+                                     self.target.tokens)
+            needs_gram = selection.SELECTIONS[self.options.feasible_set].needs_gram
+            gram = group.gram(cfg, parts, backend) if needs_gram else None
+        if self.options.decision_scope == "global":
+            step.retained.append((group, parts, normed, gram, per_sample))
+            return
+        with self.phase("selection"):
+            mask, full_mask = self.reduction.choose(self, normed, gram, group.index)
+        self._assemble(group, parts, mask, per_sample, full_mask)
+
+    # ------------------------------------------------------------------ select
+    def select(self, scores: torch.Tensor, gram) -> torch.Tensor:
+        """The feasible set applied to ``scores`` (this process's, or every rank's gathered)."""
+        return selection.select(self.options, scores, gram, self.generator, self.step.tokens_general, self.warn)
+
+    def finish_global(self) -> None:
+        """After the backward: the one decision of a global-scope set, applied to every group."""
+        self.flush_pending()
+        retained, self.step.retained = self.step.retained, []
+        if not retained:
+            return
+        total = sum(r[2] for r in retained)
+        gram = sum(r[3] for r in retained) if selection.SELECTIONS[self.options.feasible_set].needs_gram else None
+        self.last_global_scores = total
+        with self.phase("selection"):
+            mask, full_mask = self.reduction.choose(self, total, gram, -1)
+        for group, parts, _, _, per_sample in retained:
+            self._assemble(group, parts, mask, per_sample, full_mask)
+        self.last_global_mask = mask
+
+    # ------------------------------------------------------------------ accumulate
+    def _assemble(self, group, parts, mask, per_sample=None, full_mask=None) -> None:
+        """The chosen samples' gradient of one group (summed into its accumulator). ``full_mask``
+        (distributed) is the mask over every rank's samples: this rank's share of a global top-k
+        has no fixed size, so the chosen rows are weighted instead of gathered."""
+        with self.phase("weight_grad"):
+            self.last_masks[group.name] = mask
+            tokens = self.step.tokens_general
+            shown = mask if full_mask is None else full_mask
+            k = selection.fixed_k(self.options, mask) if full_mask is None else None
+            idx = None
+            weights = mask.to(tokens.dtype)
+            if k is not None:
+                # a top-k set has a known size: gather its rows without a host sync
+                idx = torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:k]
+            elif selection.keeps_all(self.options, shown):
+                weights = None     # k == B: every sample
+            count = group.accumulate(parts, weights, idx, per_sample, tokens)
+            # distributed: the number chosen over all ranks (known from the gathered mask); tokens are this rank's
+            stats = self.step.stats
+            stats.selected[group.name] = shown.sum() if shown.dim() == 1 else shown.sum(0).float().mean()
+            stats.selected_tokens[group.name] = count

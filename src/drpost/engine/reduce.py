@@ -1,0 +1,243 @@
+"""Reduction: where one process and several processes differ, behind one interface.
+
+:class:`LocalReduction` (one process) and :class:`DistributedReduction` (``torchrun``: one
+global, symmetric selection over every rank's general batch; see :mod:`drpost.distributed`)
+answer the same questions at the same points of a step:
+
+* before the forward: is a target batch required (:meth:`require_target`), whose rows does every
+  rank forward (:meth:`exchange`, :meth:`capture_rows`);
+* during it: may a batch without supervised tokens or a non-finite loss stop here
+  (:meth:`require_supervised`, :meth:`check_loss`; distributed, both wait for finalize so that
+  every rank runs the same collectives);
+* per decision: which samples are chosen (:meth:`choose`);
+* at the end: the division by the chosen-token counts and the ``.grad`` writes (:meth:`finalize`).
+
+Nothing outside this module branches on "distributed". FSDP would be a third reduction.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import distributed as _dist
+from ..batch import check_batch, require_supervised
+from .guards import NonFiniteError
+
+
+class LocalReduction:
+    distributed = False
+
+    def check_ranks(self, fingerprint: dict, options) -> None:
+        """Distributed: every rank has the same options and layers (one process: nothing to do)."""
+
+    # ------------------------------------------------------------------ before the forward
+    def require_target(self, target, needs_target: bool, options) -> None:
+        if target is None and needs_target:
+            raise ValueError("a target batch is required for this step (feasible_set="
+                             f"{options.feasible_set!r}, target_strategy={options.target_strategy!r}): "
+                             "pass target_batch")
+
+    def exchange(self, general: dict, target: dict | None, needs_target: bool, options) -> dict | None:
+        return target
+
+    def capture_rows(self, target_batch, device) -> dict:
+        return check_batch(target_batch, "target", device)
+
+    # ------------------------------------------------------------------ during the forward
+    def require_supervised(self, tokens: torch.Tensor, role: str) -> None:
+        require_supervised(tokens, role)
+
+    def check_loss(self, step, loss: torch.Tensor, what: str, options, where: str) -> bool:
+        """False when the pass must stop here (a non-finite loss with nonfinite='skip')."""
+        if bool(torch.isfinite(loss)):
+            return True
+        if options.nonfinite == "error":
+            raise NonFiniteError(f"non-finite {what} loss ({float(loss.detach())}) {where}; check the learning "
+                                 "rate, the data and the precision, or pass nonfinite='skip' to drop such steps")
+        step.skip = True
+        return False
+
+    # ------------------------------------------------------------------ per decision
+    def choose(self, pipeline, scores: torch.Tensor, gram, tag: int):
+        """(mask of this process's samples, mask over every rank's samples or None)."""
+        return pipeline.select(scores, gram), None
+
+    # ------------------------------------------------------------------ the end of the step
+    def finalize(self, pipeline, att, where: str) -> None:
+        step, options = pipeline.step, pipeline.options
+        bad = [g for g in att.groups if g.bad is not None]
+        if not step.skip and bad:
+            flags = torch.stack([g.bad for g in bad])
+            if bool(flags.any()):
+                first = bad[int(flags.nonzero()[0, 0])]
+                if options.nonfinite == "error":
+                    raise NonFiniteError(f"non-finite scores or target gradient in layer {first.name} {where}; "
+                                         "pass nonfinite='skip' to drop such steps")
+                step.skip = True
+        if step.skip:
+            _drop_step(att, step)
+            return
+        for group in att.groups:
+            if group.count is None:
+                continue
+            for p, acc in group.acc.items():  # the accumulators are drpost's own: divide in place
+                add_grad(p, acc.div_(group.rows_broadcast(p, group.count.clamp_min(1).to(acc.dtype))))
+        if step.plain_acc:
+            denom = step.plain_tokens.clamp_min(1)
+            for p, acc in step.plain_acc.items():
+                add_grad(p, acc.div_(denom.to(acc.dtype)))
+        _age_target(pipeline)
+
+
+class DistributedReduction(LocalReduction):
+    """Several processes: the scores are gathered for one global decision and the chosen raw
+    gradients summed over the ranks, then divided by the global counts (every rank ends with the
+    same ``.grad``)."""
+    distributed = True
+
+    def __init__(self, ctx: _dist.DistContext, pad_token_id: int, warn):
+        self.ctx, self.pad_token_id, self.warn = ctx, pad_token_id, warn
+
+    def check_ranks(self, fingerprint: dict, options) -> None:
+        _dist.check_same_config(self.ctx, fingerprint)
+        if options.feasible_set == "greedy":
+            raise ValueError("feasible_set='greedy' is not supported with several processes: its Gram matrix "
+                             "needs the inner products of samples held by different ranks; use layerwise/"
+                             "global/filter/rowwise/random, or run greedy in one process")
+
+    def require_target(self, target, needs_target: bool, options) -> None:
+        """A rank may hold no target rows: checked on the gathered rows (:meth:`exchange`)."""
+
+    def exchange(self, general: dict, target: dict | None, needs_target: bool, options) -> dict | None:
+        """Check that every rank has B general rows and, when this step needs the target, all-gather
+        every rank's target rows so that each rank holds the whole target batch (one collective for
+        the sizes, one for the rows)."""
+        ctx, b = self.ctx, general["input_ids"].shape[0]
+        if needs_target:
+            full, extra = _dist.gather_rows(ctx, target, self.pad_token_id, extra=(b,))
+            sizes = extra[:, 0].tolist()
+        else:
+            full, sizes = None, ctx.all_gather(torch.tensor([b], device=ctx.device)).tolist()
+        _dist.check_same_batch_size(ctx, sizes)
+        if target is not None and target.keys() - set(_dist._KEYS):
+            self.warn(f"drpost: distributed steps gather only input_ids/attention_mask/labels of the target "
+                      f"batch; {sorted(target.keys() - set(_dist._KEYS))} are dropped")
+        if not needs_target:
+            return target
+        if full is None:
+            raise ValueError("a target batch is required for this step (feasible_set="
+                             f"{options.feasible_set!r}, target_strategy={options.target_strategy!r}) but no "
+                             "rank passed target rows")
+        return check_batch(full, "target", ctx.device)
+
+    def capture_rows(self, target_batch, device) -> dict:
+        target = check_batch(target_batch, "target", device) if target_batch is not None else None
+        target, _ = _dist.gather_rows(self.ctx, target, self.pad_token_id)   # every rank captures it all
+        if target is None:
+            raise ValueError("capture_target: no rank passed target rows")
+        return check_batch(target, "target", device)
+
+    def require_supervised(self, tokens: torch.Tensor, role: str) -> None:
+        """Checked on the tokens of every rank at finalize."""
+
+    def check_loss(self, step, loss: torch.Tensor, what: str, options, where: str) -> bool:
+        # the other ranks are about to enter this backward's collectives: go on, and let finalize
+        # drop (or refuse) the step on every rank
+        if not bool(torch.isfinite(loss)):
+            step.bad_loss = step.bad_loss or what
+        return True
+
+    def choose(self, pipeline, scores: torch.Tensor, gram, tag: int):
+        """The scores of every rank are all-gathered in rank order and the feasible set is applied to
+        the concatenation as one process would; this rank keeps its slice. ``random`` needs no
+        scores: every rank's generator is in the same state and draws the same mask."""
+        ctx, b, step = self.ctx, scores.shape[0], pipeline.step
+        if pipeline.options.feasible_set == "random":
+            full = scores.new_empty((ctx.world * b,) + tuple(scores.shape[1:]))
+        else:
+            full, ok = _dist.gather_scores(ctx, scores, tag)
+            step.tags_ok = ok if step.tags_ok is None else step.tags_ok & ok
+        full_mask = pipeline.select(full, None).to(scores.device)
+        return ctx.local_rows(full_mask, b), full_mask
+
+    def finalize(self, pipeline, att, where: str) -> None:
+        """One small all-reduce of [non-finite flag per rank, plain tokens, chosen-token counts of
+        every group, has-gradient flag per trainable parameter]; then the raw chosen gradients are
+        summed over the ranks (bucketed) and divided by the global counts."""
+        ctx, step, options = self.ctx, pipeline.step, pipeline.options
+        groups = [g for g in att.groups if g.count is not None]
+        dev = ctx.device
+        bad = any(g.bad is not None for g in att.groups) and \
+            bool(torch.stack([g.bad for g in att.groups if g.bad is not None]).any())
+        flags = torch.zeros(ctx.world, dtype=torch.float64, device=dev)
+        flags[ctx.rank] = float(bad or step.bad_loss is not None)
+        source = {p: acc for g in groups for p, acc in g.acc.items()}
+        source.update(step.plain_acc)
+        has = torch.tensor([float(p in source) for p in att.trainable], dtype=torch.float64, device=dev)
+        plain = step.plain_tokens if step.plain_tokens is not None else torch.zeros((), device=dev)
+        meta = torch.cat([flags, plain.reshape(1).to(dev, torch.float64)] +
+                         [g.count.reshape(-1).to(dev, torch.float64) for g in groups] + [has])
+        ctx.all_reduce(meta)
+        _dist.check_tags(step.tags_ok)
+        flags, plain, rest = meta[:ctx.world], meta[ctx.world], meta[ctx.world + 1:]
+        bad_ranks = flags.nonzero().flatten().tolist()
+        if bad_ranks:
+            if options.nonfinite == "error":
+                raise NonFiniteError(f"non-finite loss, scores or target gradient on rank(s) {bad_ranks} {where}; "
+                                     "pass nonfinite='skip' to drop such steps")
+            _drop_step(att, step)
+            if options.target_strategy == "separate":
+                pipeline.target.age = None   # the cached target may be the bad part: recapture
+            return
+        if float(plain) <= 0:
+            role = "target" if options.feasible_set == "target_only" else "general"
+            raise ValueError(f"the {role} batches of all {ctx.world} ranks have no supervised tokens: every label "
+                             "is -100; check the chat template / label masking and truncation")
+        for g in groups:                           # global chosen-token counts
+            n = g.count.numel()
+            g.count, rest = rest[:n].view_as(g.count).to(g.count.dtype), rest[n:]
+        present = rest > 0
+        grads = []
+        for p, keep in zip(att.trainable, present.tolist()):
+            if keep:
+                acc = source.get(p)
+                if acc is None or not acc.is_contiguous():
+                    acc = torch.zeros_like(p, memory_format=torch.contiguous_format) if acc is None \
+                        else acc.contiguous()
+                    source[p] = acc
+                grads.append(acc)
+        _dist.all_reduce_tensors(ctx, grads)
+        group_of = {p: g for g in groups for p in g.params}
+        for p, keep in zip(att.trainable, present.tolist()):
+            if not keep:
+                continue
+            acc, g = source[p], group_of.get(p)
+            if g is not None:
+                add_grad(p, acc.div_(g.rows_broadcast(p, g.count.clamp_min(1).to(acc.dtype))))
+            else:
+                add_grad(p, acc.div_(plain.clamp_min(1).to(acc.dtype)))
+        _age_target(pipeline)
+
+
+def make_reduction(process_group, distributed, device, pad_token_id: int, warn) -> LocalReduction:
+    ctx = _dist.resolve(process_group, distributed, device)
+    return LocalReduction() if ctx is None else DistributedReduction(ctx, pad_token_id, warn)
+
+
+def add_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:
+    """``p.grad += g`` as autograd would: take ``g`` itself when ``p`` has no gradient yet."""
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad = p.grad + g
+
+
+def _drop_step(att, step) -> None:
+    for p in att.trainable:
+        p.grad = None
+    step.stats.skipped = True
+
+
+def _age_target(pipeline) -> None:
+    target = pipeline.target
+    if pipeline.options.target_strategy == "separate" and target.age is not None:
+        target.age += 1

@@ -9,7 +9,7 @@ During a selecting forward each hook wraps its module's output in :class:`_Tap`,
 in forward. In backward the tap passes the true activation gradient down (the chain rule is
 never changed) and hands the per-sample factors ``(x, delta)`` to the **sink** it was given
 (the per-layer pipeline); it never calls into the controller. The sink tells the hooks whether
-they are active (``sink.mode``) and how many rows the running batch has.
+they are active and how many rows the running batch has (``sink.step``).
 """
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ _CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList)
 
 
 class Sink(Protocol):
-    """What the hooks hand their work to (:class:`drpost.engine.pipeline.Pipeline`)."""
-    mode: str | None     # None: hooks idle; "merged" | "capture" | "general"
-    rows: int            # rows of the running forward
-    general_rows: int    # its general rows (the first ones)
+    """What the hooks hand their work to (:class:`drpost.engine.pipeline.Pipeline`). Its ``step``
+    (:class:`~drpost.engine.state.StepState`) says whether the hooks are active (``mode``: None =
+    idle, "merged" | "capture" | "general"), how many rows the running forward has (``rows``) and
+    how many of them are general rows (``n_general``, the first ones)."""
+    step: object
 
     def phase(self, name: str): ...
     def on_factors(self, group: LayerGroup, rule, factors) -> None: ...
@@ -59,7 +60,7 @@ class _Tap(torch.autograd.Function):
         use, sink, need = ctx.use, ctx.sink, ctx.needs_input_grad[2]
         if use.group is None:   # row-restricted (norm) layer in a merged batch
             with sink.phase("norm_rules"):
-                grad_x, grads = use.rule.backward(a, grad_out, use.state, sink.general_rows)
+                grad_x, grads = use.rule.backward(a, grad_out, use.state, sink.step.n_general)
                 with torch.no_grad():
                     sink.on_plain_grads(grads)
             grad_a = grad_x if need else None
@@ -103,19 +104,20 @@ class Attachment:
         sink = self.sink
 
         def hook(module, args, kwargs, output):
-            if sink.mode is None:
+            step = sink.step
+            if step.mode is None:
                 return None
             group.calls += 1
             a = rule.capture_input(args, kwargs)
             out = output.detach()
-            if a.shape[0] == 1 and sink.rows > 1:
+            if a.shape[0] == 1 and step.rows > 1:
                 if not getattr(rule, "broadcast_input_ok", rule.kind == "embedding"):
-                    raise ValueError(f"{group.name} was called with one row in a batch of {sink.rows}: "
+                    raise ValueError(f"{group.name} was called with one row in a batch of {step.rows}: "
                                      "per-sample gradients cannot be separated from a broadcast input")
                 # position embeddings indexed by [1, T] ids and broadcast over the batch: make the
                 # broadcast explicit so that every row's output gradient is seen separately
-                a = a.expand(sink.rows, *a.shape[1:])
-                out = out.expand(sink.rows, *out.shape[1:]).contiguous()
+                a = a.expand(step.rows, *a.shape[1:])
+                out = out.expand(step.rows, *out.shape[1:]).contiguous()
             self.pending_output = out
             return _Tap.apply(self, _Use(group, rule), a, *rule.params)
         return hook
@@ -124,7 +126,7 @@ class Attachment:
         sink = self.sink
 
         def hook(module, args, kwargs, output):
-            if sink.mode != "merged":
+            if sink.step.mode != "merged":
                 return None   # separate strategy: plain autograd, target pass does not reach .grad
             x = rule.capture_input(args, kwargs)
             if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):

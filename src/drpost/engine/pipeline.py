@@ -34,19 +34,7 @@ class Pipeline:
         self.last_global_mask = None
         self.layer_backends: dict = {}
 
-    # ------------------------------------------------------------------ what the hooks read
-    @property
-    def mode(self):
-        return self.step.mode
-
-    @property
-    def rows(self) -> int:
-        return self.step.rows
-
-    @property
-    def general_rows(self) -> int:
-        return self.step.n_general
-
+    # ------------------------------------------------------------------ what the hooks use
     def phase(self, name: str):
         return nullcontext() if self.profiler is None else self.profiler.phase(name)
 

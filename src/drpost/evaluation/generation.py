@@ -193,17 +193,9 @@ def generate_ids(
     return results  # type: ignore[return-value]
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts_or_messages: Sequence[Any],
-    max_new_tokens: int = 32,
-    batch_size: int = 8,
-    progress: bool = True,
-    first_line: bool = False,
-    system_prompt: str | None = None,
-    stop_ids: Iterable[int] | None = None,
-) -> list[str]:
+def generate(model, tokenizer, prompts_or_messages: Sequence[Any], max_new_tokens: int = 32, batch_size: int = 8,
+             progress: bool = True, first_line: bool = False, system_prompt: str | None = None,
+             stop_ids: Iterable[int] | None = None) -> list[str]:
     """Greedy replies to a list of prompts, decoded and stripped.
 
     Args:

@@ -25,8 +25,8 @@ class Pipeline:
     def __init__(self, options, scoring_cfg, reduction, target: TargetState, generator: torch.Generator, warn):
         self.options, self.scoring_cfg, self.reduction = options, scoring_cfg, reduction
         self.target, self.generator, self.warn = target, generator, warn
-        self.step = StepState()
         self.groups: list[LayerGroup] = []
+        self.new_step()
         self.profiler = None             # a drpost.profiling.PhaseTimer (drpost bench)
         self.last_scores: dict = {}
         self.last_masks: dict = {}
@@ -39,6 +39,7 @@ class Pipeline:
         return nullcontext() if self.profiler is None else self.profiler.phase(name)
 
     def new_step(self) -> None:
+        """The one place a step's state is created: at start-up, after every finalize and after an error."""
         for g in self.groups:
             g.reset()
         self.step = StepState()

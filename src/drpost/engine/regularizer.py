@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from .. import distributed as _dist
 from ..batch import check_batch
 from ..group import ScoringConfig
 from ..layers import Factors
@@ -64,8 +65,6 @@ class DataRegularizer:
     def __init__(self, model: torch.nn.Module, options: DrPostOptions | None = None, *, loss_fn=None,
                  pad_token_id: int | None = None, process_group=None, distributed: bool | None = None,
                  **overrides):
-        from .. import distributed as _dist
-
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if _dist.is_ddp(model):
@@ -124,8 +123,7 @@ class DataRegularizer:
         self._pipeline.step.mode = None
 
     def _fingerprint(self) -> dict:
-        from ..distributed import short_digest
-
+        short_digest = _dist.short_digest
         scored = [(g.name, [tuple(p.shape) for p in g.params]) for g in self._att.groups]
         params = [(tuple(p.shape), str(p.dtype)) for p in self._att.trainable]
         return {**self.options.fingerprint(), "pad_token_id": self.pad_token_id,

@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .base import ScoringBackend, index_of
+from .base import ScoringBackend
 
 _SPEC = re.compile(r"^(gaussian|normal|countsketch|sjlt)-(\d+)(?:x(\d+))?$")
 
@@ -102,7 +102,8 @@ class Sketch(ScoringBackend):
         return {id(rule): rule.sketch(t, projection(group, cfg, rule), rows).sum(0) for rule, _, t in parts}
 
     def save(self, group, rep):
-        return {index_of([id(r) for r in group.rules], k): v for k, v in rep.items()}
+        ids = [id(r) for r in group.rules]
+        return {ids.index(k): v for k, v in rep.items()}
 
     def load(self, group, rep):
         return {id(group.rules[i]): v for i, v in rep.items()}

@@ -15,7 +15,8 @@ class PairwiseGhost(ScoringBackend):
 
     def target(self, group, cfg, parts, rows):
         rules = list({id(r): r for r, _, _ in parts}.values())
-        return [(rule, Factors.cat([t for r, _, t in parts if r is rule])) for rule in rules]
+        cat = [(rule, Factors.cat([t for r, _, t in parts if r is rule])) for rule in rules]
+        return [(rule, Factors(f.a.detach(), f.d.detach())) for rule, f in cat]   # a cache keeps no graph
 
     def extend(self, old, new):
         have = {id(r): f for r, f in old}

@@ -14,7 +14,6 @@ import torch
 from .feasible import normalise_scores
 from .layers import Factors
 from .scoring import BACKEND_TABLE, ScoringConfig, add_into, cache_reader, choose_for_group
-from .scoring.sketch import LayerSketch, projection
 
 __all__ = ["LayerGroup", "ScoringConfig", "add_into"]
 
@@ -63,9 +62,6 @@ class LayerGroup:
     # ------------------------------------------------------------------ back-end and target side
     def backend(self, cfg: ScoringConfig, rule, b: int, v: int, s: int, k: int) -> str:
         return choose_for_group(cfg, self.rules, self.calls, rule, b, v, s, k)
-
-    def sketch_of(self, cfg: ScoringConfig, rule) -> LayerSketch:
-        return projection(self, cfg, rule)
 
     def target_repr(self, cfg: ScoringConfig, parts, backend: str, rows: bool):
         """The target rows in the form the back-end needs (raw sums over target rows)."""

@@ -42,17 +42,24 @@ class ProbeLM(nn.Module):
         return self.head(torch.tanh(self.layer(h)))
 
 
-def probe(layer: nn.Module, out_dim: int = HIDDEN, norm: nn.Module | None = None, seed: int = 0,
-          frozen: tuple = ("embed", "head")) -> nn.Module:
-    torch.manual_seed(seed)
-    model = ProbeLM(layer, out_dim, norm)
+def finish(model: nn.Module, std: float, frozen: tuple = (), pad_rows: tuple = ()) -> nn.Module:
+    """N(0, std) weights, the padding row of each embedding in ``pad_rows`` zero, the top-level
+    submodules in ``frozen`` frozen; float64, eval mode."""
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.4)
+            p.normal_(0.0, std)
+        for emb in pad_rows:
+            emb.weight[emb.padding_idx].zero_()
     for name, p in model.named_parameters():
         if name.split(".")[0] in frozen:
             p.requires_grad_(False)
     return model.double().eval()
+
+
+def probe(layer: nn.Module, out_dim: int = HIDDEN, norm: nn.Module | None = None, seed: int = 0,
+          frozen: tuple = ("embed", "head")) -> nn.Module:
+    torch.manual_seed(seed)
+    return finish(ProbeLM(layer, out_dim, norm), 0.4, frozen)
 
 
 class RuleCase:

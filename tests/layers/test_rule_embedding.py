@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import models_tiny as mt
-from rule_check import BACKENDS, DIM, RuleCase, check_rule
+from rule_check import BACKENDS, DIM, RuleCase, check_rule, finish
 
 
 class EmbedLM(nn.Module):
@@ -27,12 +27,7 @@ class EmbedLM(nn.Module):
 def embed_lm(positions: bool, seed: int = 13) -> nn.Module:
     torch.manual_seed(seed)
     model = EmbedLM(positions)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-        model.tok.weight[mt.PAD_ID].zero_()
-    model.head.weight.requires_grad_(False)
-    return model.double().eval()
+    return finish(model, 0.5, frozen=("head",), pad_rows=(model.tok,))
 
 
 def test_embedding_rule():

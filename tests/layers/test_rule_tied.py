@@ -10,7 +10,7 @@ from torch import nn
 
 import models_tiny as mt
 from custom_layer import SCORED_TYPES, ScaledLinear, register
-from rule_check import DIM, RuleCase, check_rule
+from rule_check import DIM, RuleCase, check_rule, finish
 
 
 class SharedLM(nn.Module):
@@ -45,15 +45,10 @@ class SharedLM(nn.Module):
 def shared_lm(how: str, seed: int = 14) -> nn.Module:
     torch.manual_seed(seed)
     model = SharedLM(how)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-        model.embed.weight[mt.PAD_ID].zero_()
-    if how != "tied_head":
-        model.head.weight.requires_grad_(False)
+    model = finish(model, 0.5, frozen=() if how == "tied_head" else ("head",), pad_rows=(model.embed,))
     if how == "custom":
         model.custom.scale.requires_grad_(False)
-    return model.double().eval()
+    return model
 
 
 def test_tied_head():

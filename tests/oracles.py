@@ -114,26 +114,30 @@ class Layer:
     kinds: list[str] = field(default_factory=list)
 
 
-def expected_layers(model: nn.Module) -> tuple[list[Layer], list[str]]:
+def expected_layers(model: nn.Module, scored_types: dict | None = None) -> tuple[list[Layer], list[str]]:
     """The contract's layers: every nn.Linear / Conv1D / nn.Embedding with own trainable params;
     modules sharing a parameter form one layer named 'a+b' (named_modules order). Returns the layers
-    (in named_modules order of their first module) and the names of the non-scored trainable params."""
+    (in named_modules order of their first module) and the names of the non-scored trainable params.
+    ``scored_types`` adds module types a test registered a rule for: {type: {own param name: row axis}}."""
     conv1d = _conv1d_type()
+    scored_types = scored_types or {}
     canon = {}
     for n, p in model.named_parameters():
         canon.setdefault(id(p), n)
     groups: list[dict] = []
     for mname, m in model.named_modules():
-        if not isinstance(m, (nn.Linear, conv1d, nn.Embedding)):
+        custom = next((axes for t, axes in scored_types.items() if isinstance(m, t)), None)
+        if custom is None and not isinstance(m, (nn.Linear, conv1d, nn.Embedding)):
             continue
         own = [(pn, p) for pn, p in m.named_parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
         kind = "conv1d" if isinstance(m, conv1d) else ("embedding" if isinstance(m, nn.Embedding) else "linear")
+        kind = "custom" if custom is not None else kind
         ids = {id(p) for _, p in own}
         rd = {}
         for pn, p in own:
-            rd[canon[id(p)]] = 1 if (kind == "conv1d" and pn == "weight") else 0
+            rd[canon[id(p)]] = custom[pn] if custom is not None else (1 if (kind == "conv1d" and pn == "weight") else 0)
         hit = [g for g in groups if g["ids"] & ids]
         if hit:
             g = hit[0]
@@ -179,8 +183,8 @@ def layer_rows(G: dict, layer: Layer) -> torch.Tensor:
 class Oracle:
     """All oracle quantities for one model, one general batch and one target batch."""
 
-    def __init__(self, model: nn.Module, general: dict, target: dict, loss_fn=None):
-        self.layers, self.rest = expected_layers(model)
+    def __init__(self, model: nn.Module, general: dict, target: dict, loss_fn=None, scored_types: dict | None = None):
+        self.layers, self.rest = expected_layers(model, scored_types)
         self.names = [layer.name for layer in self.layers]
         self.by_name = {layer.name: layer for layer in self.layers}
         self.G, self.T = per_sample_grads(model, general, loss_fn)

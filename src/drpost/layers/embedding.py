@@ -9,12 +9,25 @@ from __future__ import annotations
 
 import torch
 
-from .base import Factors, LayerRule, acc_dtype
+from .base import TIED_LOOKUP, Factors, LayerRule, acc_dtype
+from .registry import register_rule
 
 
+def scatter_rows(per_token: torch.Tensor, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Per-token values [B, S] summed into their token's vocabulary row: [B, Vocab]."""
+    b = ids.shape[0]
+    flat = (torch.arange(b, device=ids.device)[:, None] * vocab + ids).reshape(-1)
+    out = per_token.new_zeros(b * vocab)
+    out.index_add_(0, flat, per_token.reshape(-1))
+    return out.view(b, vocab)
+
+
+@register_rule(torch.nn.Embedding)
 class EmbeddingRule(LayerRule):
     kind = "embedding"
     supports = ("reduced_ghost",)
+    broadcast_input_ok = True       # position embeddings indexed by [1, T] ids
+    tied_form = TIED_LOOKUP
 
     def __init__(self, module: torch.nn.Embedding):
         super().__init__(module)
@@ -53,11 +66,7 @@ class EmbeddingRule(LayerRule):
         return (g.to(f.d.dtype)[f.a] * f.d).sum(-1, dtype=acc_dtype(f.d))     # [B, S]
 
     def _scatter_rows(self, f, per_token):
-        b, s = f.a.shape
-        flat = (torch.arange(b, device=f.a.device)[:, None] * self.vocab + f.a).reshape(-1)
-        out = per_token.new_zeros(b * self.vocab)
-        out.index_add_(0, flat, per_token.reshape(-1))
-        return out.view(b, self.vocab)
+        return scatter_rows(per_token, f.a, self.vocab)
 
     def dense_scores(self, f, dense, rows):
         g = dense.get(self.weight)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Factors, LayerRule, acc_dtype
+from .base import TIED_PROJECTION, Factors, LayerRule, acc_dtype
+from .registry import register_rule
 
 
+@register_rule(torch.nn.Linear)
 class LinearRule(LayerRule):
     kind = "linear"
+    supports = ("reduced_ghost", "pairwise_ghost", "direct", "sketch")
 
     def __init__(self, module: torch.nn.Module, transposed: bool = False):
         super().__init__(module)
@@ -23,6 +26,24 @@ class LinearRule(LayerRule):
         b = getattr(module, "bias", None)
         self.bias = b if (b is not None and b.requires_grad) else None
         self.has_bias = self.bias is not None
+
+    # -- layout ------------------------------------------------------------------------------
+    def row_axis(self, p):
+        return 1 if (self.transposed and p is self.weight) else 0
+
+    def num_rows(self):
+        return self.out_features
+
+    def factor_dims(self):
+        return self.out_features, self.in_features
+
+    def sketch_dims(self):
+        return self.out_features, self.in_features, self.weight is not None, self.has_bias
+
+    @property
+    def tied_form(self):
+        """A [Vocab, D] output projection without bias can share its weight with embeddings."""
+        return TIED_PROJECTION if not (self.transposed or self.has_bias) else None
 
     # weight in [O, I] orientation
     def _w_oi(self, dtype):
@@ -41,9 +62,6 @@ class LinearRule(LayerRule):
         x = x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() != 3 else x
         d = d.reshape(d.shape[0], -1, d.shape[-1]) if d.dim() != 3 else d
         return Factors(x.to(d.dtype), d)
-
-    def num_rows(self):
-        return self.out_features
 
     def cost(self, backend, b, v, s, k):
         o, i = self.out_features, self.in_features
@@ -156,3 +174,11 @@ class LinearRule(LayerRule):
         if self.bias is not None:
             out[self.bias] = wd.sum((0, 1), dtype=dt)
         return out
+
+
+@register_rule("transformers.pytorch_utils.Conv1D")
+class Conv1DRule(LinearRule):
+    """Hugging Face GPT-2 Conv1D: a linear map whose weight is stored [in, out]."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__(module, transposed=True)

@@ -5,12 +5,17 @@ P1^T G_i P2 = sum_s (P1^T delta_s)(P2^T x_s)^T needs only the projected factors.
 (Gaussian N(0, 1/k) entries, or a CountSketch with random signs) the sketched inner product is an
 unbiased estimate of <G_i, G_T>. A side whose width is at most k is left unprojected (identity).
 The bias is handled as an implicit constant-1 input column.
+
+The ``sketch`` back-end scores, normalises and builds Gram matrices from these sketches; a rule
+takes part by listing "sketch" in ``supports`` and giving ``sketch`` and ``sketch_dims``.
 """
 from __future__ import annotations
 
 import re
 
 import torch
+
+from .base import ScoringBackend
 
 _SPEC = re.compile(r"^(gaussian|normal|countsketch|sjlt)-(\d+)(?:x(\d+))?$")
 
@@ -76,3 +81,43 @@ class LayerSketch:
             m = side.matrix.to(x.dtype)
             return x @ m[:-1] + m[-1] if x.shape[-1] else m[-1].expand(*x.shape[:-1], -1).clone()
         return side.apply(torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1))
+
+
+def projection(group, cfg, rule) -> LayerSketch:
+    """The group's fixed random projection for one rule (drawn once, seeded by layer and rule)."""
+    sk = group.sketches.get(id(rule))
+    if sk is None:
+        sk = LayerSketch(cfg.sketch_kind, cfg.sketch_k1, cfg.sketch_k2, *rule.sketch_dims(),
+                         seed=cfg.seed * 1_000_003 + group.index * 7919 + len(group.sketches),
+                         device=rule.params[0].device)
+        group.sketches[id(rule)] = sk
+    return sk
+
+
+class Sketch(ScoringBackend):
+    name = "sketch"
+    cache_kind = "sketch"
+
+    def target(self, group, cfg, parts, rows):
+        return {id(rule): rule.sketch(t, projection(group, cfg, rule), rows).sum(0) for rule, _, t in parts}
+
+    def save(self, group, rep):
+        ids = [id(r) for r in group.rules]
+        return {ids.index(k): v for k, v in rep.items()}
+
+    def load(self, group, rep):
+        return {id(group.rules[i]): v for i, v in rep.items()}
+
+    def part_scores(self, group, cfg, rule, gen, target, rows):
+        c = rule.sketch(gen, projection(group, cfg, rule), rows)
+        return (c * target[id(rule)].to(c.dtype)).sum(-1)
+
+    def one_sq_norms(self, group, cfg, rule, gen, rows):
+        return rule.sketch(gen, projection(group, cfg, rule), rows).pow(2).sum(-1)
+
+    def target_sq_norm(self, group, cfg, target, rows):
+        return sum(t.pow(2).sum(-1) for t in target.values())
+
+    def one_gram(self, group, cfg, rule, gen):
+        c = rule.sketch(gen, projection(group, cfg, rule), False)
+        return c @ c.t()

@@ -44,10 +44,10 @@ def test_round_trip(name, scoring, kind):
     twin = copy.deepcopy(model)
     reg = _reg(model, scoring)
     reg.capture_target(target)
-    states = {g.name: g.cache_state() for g in reg._groups}
+    states = {g.name: g.cache_state() for g in reg.layer_groups}
     assert all(s is not None and s["kind"] in (kind, "dense") for s in states.values())
     assert any(s["kind"] == kind for s in states.values())
-    for g in reg._groups:
+    for g in reg.layer_groups:
         rep = states[g.name]["repr"]
         if states[g.name]["kind"] == "pairwise_ghost":
             assert all(isinstance(i, int) and isinstance(a, torch.Tensor) for i, a, _ in rep)
@@ -58,14 +58,13 @@ def test_round_trip(name, scoring, kind):
     loaded = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
 
     other = _reg(twin, scoring)
-    for g in other._groups:
+    for g in other.layer_groups:
         g.load_cache_state(loaded[g.name])
         again = g.cache_state()
         assert same(again, states[g.name])
     # the sketch projections are drawn from the same seeds, so both continue identically
+    other.load_state_dict(reg.state_dict())     # the target's token count, loss and age travel with it
     reg.backward(general)
-    other._steps_since_capture, other._tokens_target_total = 0, reg._tokens_target_total
-    other._target_loss = reg._target_loss
     other.backward(general)
     a, b = _grads(model), _grads(twin)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
@@ -77,7 +76,7 @@ def test_format_matches_the_engine_checkpoint(scoring):
     reg = _reg(model, scoring)
     reg.capture_target(mt.make_batch(3, 10, seed=2))
     engine = reg.state_dict()["target_caches"]
-    mine = {g.name: g.cache_state() for g in reg._groups if g.cache is not None}
+    mine = {g.name: g.cache_state() for g in reg.layer_groups if g.cache is not None}
     assert same(mine, engine)
 
 

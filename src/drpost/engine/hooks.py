@@ -111,7 +111,7 @@ class Attachment:
             a = rule.capture_input(args, kwargs)
             out = output.detach()
             if a.shape[0] == 1 and step.rows > 1:
-                if not getattr(rule, "broadcast_input_ok", rule.kind == "embedding"):
+                if not rule.broadcast_input_ok:
                     raise ValueError(f"{group.name} was called with one row in a batch of {step.rows}: "
                                      "per-sample gradients cannot be separated from a broadcast input")
                 # position embeddings indexed by [1, T] ids and broadcast over the batch: make the
@@ -195,7 +195,8 @@ def _register(att: Attachment, warn) -> None:
             att.handles.append(module.register_forward_hook(att.row_hook(rrule), with_kwargs=True))
             if not is_norm(module):
                 warn(f"drpost: {name} ({type(module).__name__}) is not a scored layer type; its "
-                     "parameters get the plain general-batch gradient (no selection)")
+                     "parameters get the plain general-batch gradient (no selection); score it by "
+                     "registering a rule with drpost.layers.register_rule")
     att.row_param_ids = row_params
 
 

@@ -26,7 +26,6 @@ import torch
 from .. import distributed as _dist
 from ..batch import check_batch
 from ..group import ScoringConfig
-from ..layers import Factors
 from . import guards
 from .hooks import attach, model_device
 from .options import DrPostOptions, option_names, overrides_of
@@ -161,6 +160,11 @@ class DataRegularizer:
         return [g.name for g in self._att.groups]
 
     @property
+    def layer_groups(self) -> list:
+        """The scored layers as :class:`drpost.group.LayerGroup` objects (rules, parameters, caches)."""
+        return list(self._att.groups)
+
+    @property
     def profiler(self):
         return self._pipeline.profiler
 
@@ -183,18 +187,7 @@ class DataRegularizer:
     def state_dict(self) -> dict:
         """Everything that makes the next steps reproducible: the generator of the ``random``
         feasible set and, with the separate strategy, the cached target gradient and its age."""
-        caches = {}
-        for g in self._att.groups:
-            if g.cache is None:
-                continue
-            kind, rep = g.cache["kind"], g.cache["repr"]
-            if kind == "pairwise_ghost":
-                rep = [(g.rules.index(r), f.a, f.d) for r, f in rep]
-            elif kind == "sketch":
-                rep = {[id(r) for r in g.rules].index(k): v for k, v in rep.items()}
-            else:
-                rep = {g.params.index(p): v for p, v in rep.items()}
-            caches[g.name] = {"kind": kind, "repr": rep}
+        caches = {g.name: c for g in self._att.groups if (c := g.cache_state()) is not None}
         t = self._target
         return {"generator": self._generator.get_state(), "steps_since_capture": t.age,
                 "target_caches": caches, "tokens_target_total": t.tokens, "target_loss": t.loss,
@@ -210,14 +203,7 @@ class DataRegularizer:
         for name, c in state.get("target_caches", {}).items():
             if name not in by_name:
                 raise ValueError(f"checkpointed target gradient for layer {name!r}, which this model lacks")
-            g, kind, rep = by_name[name], c["kind"], c["repr"]
-            if kind == "pairwise_ghost":
-                rep = [(g.rules[i], Factors(a, d)) for i, a, d in rep]
-            elif kind == "sketch":
-                rep = {id(g.rules[i]): v for i, v in rep.items()}
-            else:
-                rep = {g.params[i]: v for i, v in rep.items()}
-            g.cache = {"kind": kind, "repr": rep}
+            by_name[name].load_cache_state(c)
 
     # ------------------------------------------------------------------ the step
     def backward(self, general_batch: dict, target_batch: dict | None = None, *, finalize: bool = True) -> StepStats:

@@ -101,11 +101,15 @@ class BenchConfig(DrPostOptions):
                 raise ValueError(f"bench: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("bench: device cuda requested but torch.cuda.is_available() is False")
-        for c in self.configs:
+        for c in self.configs:     # each variant's feasible set and scoring: the engine's own checks
             parts = c.split(":")
-            if len(parts) != 2 or parts[0] not in fs.FEASIBLE_SETS or parts[1] not in BACKENDS:
+            try:
+                if len(parts) != 2:
+                    raise ValueError(c)
+                dataclasses.replace(self.engine_options(), feasible_set=parts[0], scoring=parts[1])
+            except ValueError:
                 raise ValueError(f"bench: config {c!r} must be FEASIBLE_SET:SCORING with a feasible set in "
-                                 f"{', '.join(fs.FEASIBLE_SETS)} and scoring in {', '.join(BACKENDS)}")
+                                 f"{', '.join(fs.FEASIBLE_SETS)} and scoring in {', '.join(BACKENDS)}") from None
 
 
 def _comma_list(text: str) -> list:

@@ -25,17 +25,27 @@ def build_section(section: str, cls: type, values: dict):
     try:
         return cls(**values)
     except OptionError as err:
-        key = f"{section}.{err.option}"
-        text = str(err)
-        text = f"config key {key!r}{text[len(err.option):]}" if text.startswith(err.option + " ") \
-            else f"config key {key!r}: {text}"
-        field = {f.name: f for f in dataclasses.fields(cls)}.get(err.option)
-        choices = field.metadata.get("choices") if field is not None else None
-        value = values.get(err.option)
-        if choices and isinstance(value, str) and value not in choices:
-            close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
-            text += f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(text) from None
+        raise _option_error(f"{section}.{err.option}", cls, err, values.get(err.option)) from None
+
+
+def _engine_accepts(key: str, options, **change) -> None:
+    """The engine's own check of a value given elsewhere (a spectrum grid point), its error named ``key``."""
+    try:
+        dataclasses.replace(options.engine_options(), **change)
+    except OptionError as err:
+        raise _option_error(key, type(options), err, change.get(err.option)) from None
+
+
+def _option_error(key: str, cls: type, err: OptionError, value: Any) -> ConfigError:
+    text = str(err)
+    text = f"config key {key!r}{text[len(err.option):]}" if text.startswith(err.option + " ") \
+        else f"config key {key!r}: {text}"
+    field = {f.name: f for f in dataclasses.fields(cls)}.get(err.option)
+    choices = field.metadata.get("choices") if field is not None else None
+    if choices and isinstance(value, str) and value not in choices:
+        close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
+        text += f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(text)
 
 
 def _check(cond: bool, key: str, msg: str, value: Any) -> None:
@@ -55,7 +65,6 @@ def validate(cfg) -> None:
     ``drpost`` and ``rl`` sections checked themselves, :func:`build_section`)."""
     from transformers.trainer_utils import SchedulerType
 
-    from drpost import feasible as fs
     from drpost.data.sources import ON_BAD_ROW
     from drpost.data.tasks import SPEC_USE_KEYS, check_spec
     from drpost.evaluation.task import METRICS
@@ -146,14 +155,16 @@ def validate(cfg) -> None:
     sp = cfg.spectrum
     _check(len(sp.methods) >= 1, "spectrum.methods", "must list at least one method", sp.methods)
     for name in sp.methods:
-        _choice("spectrum.methods", name, fs.FEASIBLE_SETS)
+        _engine_accepts("spectrum.methods", r, feasible_set=name)
     _check(len(set(sp.methods)) == len(sp.methods), "spectrum.methods", "must not repeat a method", sp.methods)
     sp.seeds = [coerce(v, int, "spectrum.seeds") for v in sp.seeds]
     _check(len(sp.seeds) >= 1 and all(v >= 0 for v in sp.seeds) and len(set(sp.seeds)) == len(sp.seeds),
            "spectrum.seeds", "must be distinct integers >= 0", sp.seeds)
     sp.fracs = [coerce(v, float, "spectrum.fracs") for v in sp.fracs]
-    _check(len(sp.fracs) >= 1 and all(0.0 < v <= 1.0 for v in sp.fracs) and len(set(sp.fracs)) == len(sp.fracs),
-           "spectrum.fracs", "must be distinct numbers in (0, 1]", sp.fracs)
+    for frac in sp.fracs:
+        _engine_accepts("spectrum.fracs", r, frac=frac)
+    _check(len(sp.fracs) >= 1 and len(set(sp.fracs)) == len(sp.fracs), "spectrum.fracs",
+           "must be distinct numbers in (0, 1]", sp.fracs)
 
     _choice("recipe", cfg.recipe, RECIPES)
 

@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .config_checks import RECIPES, RL_TASKS, build_section, validate  # noqa: F401 (RECIPES: public)
+from .config_checks import RECIPES, build_section, validate  # noqa: F401 (RECIPES: public)
 from .config_values import ConfigError, Raw, coerce, parse_overrides
 from .engine.options import OptionError
 from .training_options import DrPostTrainingOptions, PolicyGradientOptions, check_int, policy_gradient_option
@@ -147,6 +147,9 @@ class SpectrumConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # train.seed (and the data seed, unless data.seed)
     fracs: list = field(default_factory=lambda: [0.5])  # drpost.frac of the selecting methods
     save_models: bool = False  # keep each run's final weights (full fine-tuning: ~0.5 GB a run)
+
+
+RL_TASKS = ("bbc_category", "bbc_headline")
 
 
 @dataclass

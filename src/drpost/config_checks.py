@@ -16,7 +16,6 @@ from typing import Any
 from .config_values import ConfigError, coerce
 from .engine.options import OptionError
 
-RL_TASKS = ("bbc_category", "bbc_headline")
 RECIPES = ("sft", "rl")
 
 

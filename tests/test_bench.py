@@ -101,3 +101,32 @@ def test_reattaching_a_separate_strategy_recaptures_the_target():
     again = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert first.keys() == again.keys() and all(torch.allclose(first[n], again[n]) for n in first)
     reg.detach()
+
+
+def test_bench_flags_are_the_config_fields():
+    """`drpost bench`'s flags are generated from BenchConfig, which embeds DrPostOptions: every engine
+    knob the bench uses (all but the per-variant feasible_set and scoring) is a flag, and today's
+    spellings still parse."""
+    import argparse
+    import dataclasses
+
+    from drpost import DrPostOptions
+    from drpost.bench import PER_VARIANT, BenchConfig, add_bench_arguments, bench_config_from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    flags = {s for a in parser._actions for s in a.option_strings}
+    for f in dataclasses.fields(BenchConfig):
+        if f.name not in PER_VARIANT:
+            assert f"--{f.name.replace('_', '-')}" in flags, f.name
+    used = [f.name for f in dataclasses.fields(DrPostOptions) if f.name not in PER_VARIANT]
+    assert {"frac", "sketch", "seed", "target_strategy", "refresh_every"} <= set(used)
+    cfg = bench_config_from_arguments(parser.parse_args(
+        ["--num-layers", "2", "--target-strategy", "separate", "--refresh-every", "3", "--no-naive", "--frac", "0.25",
+         "--configs", "layerwise:auto, global:sketch", "--freeze-embeddings", "--seed", "4", "--score-norm", "cosine"]))
+    assert cfg.num_layers == 2 and cfg.naive is False and cfg.freeze_embeddings is True
+    assert cfg.configs == ["layerwise:auto", "global:sketch"]
+    assert cfg.engine_options() == DrPostOptions(frac=0.25, target_strategy="separate", refresh_every=3, seed=4,
+                                                 score_norm="cosine")
+    defaults = bench_config_from_arguments(parser.parse_args([]))
+    assert defaults == BenchConfig()

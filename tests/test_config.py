@@ -83,7 +83,13 @@ def test_unknown_keys_in_a_file(tmp_path):
     (["--train.bf16", "maybe"], "'train.bf16' must be true or false"),
     (["--train.lr", "fast"], "'train.lr' must be a number"),
     (["--train.lr", "-1"], "'train.lr' must be a positive number"),
-    (["--drpost.frac", "1.5"], r"'drpost.frac' must be in \(0, 1\]"),
+    (["--drpost.frac", "1.5"], r"'drpost.frac' .*must be a number in \(0, 1\], got 1.5"),
+    (["--drpost.sketch", "gaussian"], r"config key 'drpost.sketch': .*sketch"),
+    (["--drpost.greedy_lr", "0"], "'drpost.greedy_lr' must be a positive number"),
+    (["--drpost.target_batch_size", "0"], "'drpost.target_batch_size' must be a positive integer"),
+    (["--drpost.scoring", "direkt"], "'drpost.scoring'.*did you mean 'direct'"),
+    (["--rl.group_size", "0"], "'rl.group_size' must be an integer >= 1"),
+    (["--rl.target_source", "pol"], "'rl.target_source' must be one of pool, self.*did you mean 'pool'"),
     (["--drpost.feasible_set", "layrwise"], "did you mean 'layerwise'"),
     (["--data.target_share", "1"], r"must be in \[0, 1\)"),
     (["--data.overlong", "cut"], "'data.overlong' must be one of truncate, drop"),
@@ -121,3 +127,28 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(path)
     assert config_to_dict(again) == config_to_dict(cfg)
     assert load_config(path.parent).train.steps == 3  # a run directory works as the config path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    again = load_config(save_config(cfg, tmp_path / "config.yaml"))
+    assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_drpost_section_is_the_engine_options():
+    """The drpost: section is DrPostOptions (plus target_batch_size); its seed is train.seed."""
+    import dataclasses
+
+    from drpost import DrPostOptions
+    from drpost.config import valid_keys
+
+    engine = {f.name for f in dataclasses.fields(DrPostOptions)}
+    keys = {k.split(".", 1)[1] for k in valid_keys() if k.startswith("drpost.")}
+    assert keys == engine - {"seed"} | {"target_batch_size"}
+    cfg = load_config(None, ["--train.seed", "7", "--drpost.frac", "0.25"])
+    assert isinstance(cfg.drpost, DrPostOptions) and cfg.drpost.nonfinite == "skip"
+    assert cfg.drpost.engine_options() == DrPostOptions(frac=0.25, seed=7, nonfinite="skip")
+    assert "seed" not in config_to_dict(cfg)["drpost"]
+    with pytest.raises(ConfigError, match="unknown config key 'drpost.seed'.*did you mean 'train.seed'"):
+        load_config(None, ["--drpost.seed", "1"])

@@ -118,10 +118,7 @@ def _check_trainer_accepts(cfg) -> None:
         max_grad_norm=t.max_grad_norm, seed=t.seed, logging_steps=t.logging_steps,
         eval_strategy="steps" if t.eval_every else "no", eval_steps=t.eval_every or None,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit, feasible_set=r.feasible_set, frac=r.frac, scoring=r.scoring,
-        target_strategy=r.target_strategy, score_norm=r.score_norm, scope=r.scope, sketch=r.sketch,
-        refresh_every=r.refresh_every, target_batch_size=r.target_batch_size, n_target=cfg.data.n_target,
-        nonfinite=r.nonfinite, greedy_lr=r.greedy_lr)
+        save_total_limit=t.save_total_limit, n_target=cfg.data.n_target, **r.trainer_values())
     for f in dataclasses.fields(type(cfg.train)):
         v = getattr(cfg.train, f.name)
         if isinstance(v, float):

@@ -340,3 +340,30 @@ def test_target_sampler_is_seeded_and_endless():
     assert [d.next_indices() for _ in range(5)] == seq[4:9]
     with pytest.raises(ValueError, match="same target dataset"):
         TargetSampler(11, 3, seed=5).load_state_dict(c.state_dict())
+
+
+def test_hf_argument_parser_sees_every_drpost_option(tmp_path):
+    """DrPostArguments inherits DrPostOptions: every engine knob is a flag with the same help and choices,
+    the regularizer is built from exactly those values, and seed is TrainingArguments' seed."""
+    import dataclasses
+
+    from transformers import HfArgumentParser
+
+    from drpost import DrPostOptions
+
+    parser = HfArgumentParser(DrPostArguments)
+    actions = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(DrPostOptions):
+        assert f.name in actions, f.name
+        if f.name != "seed":   # TrainingArguments' own seed (it seeds drpost too)
+            assert actions[f.name].help == f.metadata["help"], f.name
+            assert list(actions[f.name].choices or []) == list(f.metadata.get("choices", [])), f.name
+    assert "target_batch_size" in actions and "n_target" in actions and "selection_log" in actions
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--feasible_set", "filter", "--frac", "0.25",
+         "--score_norm", "cosine", "--seed", "3", "--target_batch_size", "4"])
+    assert args.nonfinite == "skip" and args.target_batch_size == 4
+    assert args.engine_options() == DrPostOptions(feasible_set="filter", frac=0.25, score_norm="cosine", seed=3,
+                                                  nonfinite="skip")
+    with pytest.raises(ValueError, match=r"DrPostArguments: frac .* must be a number in \(0, 1\]"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--frac", "1.5"])

@@ -26,136 +26,112 @@ are for reading.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
-import math
 import os
 import platform
 import statistics
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Optional
 
 import torch
 
 from drpost.batch import IGNORE_INDEX, causal_lm_token_losses
+from drpost.bench_memory import PeakCUDA, PeakRSS, memory_in_subprocesses, proc_status_kb, reset_peak_rss
+from drpost.bench_report import format_report, write_report
+from drpost.engine.options import DrPostOptions, add_arguments, from_arguments
 from drpost.profiling import PhaseTimer
 
-__all__ = ["BenchConfig", "run_bench", "format_report", "DEFAULT_CONFIGS"]
+__all__ = ["BenchConfig", "run_bench", "format_report", "write_report", "add_bench_arguments",
+           "bench_config_from_arguments", "DEFAULT_CONFIGS"]
 
 DEFAULT_CONFIGS = ("layerwise:auto", "layerwise:sketch", "layerwise:pairwise_ghost", "layerwise:reduced_ghost",
                    "layerwise:direct", "global:auto", "rowwise:auto", "filter:auto")
 MEMORY_MODES = ("auto", "subprocess", "inprocess", "off")
-PHASES = ("forward", "backward", "activation_backward", "weight_grad", "scoring", "selection", "norm_rules",
-          "assembly", "optimizer", "pass_1", "pass_2", "per_sample_grads")
+# the variants' own: every other DrPostOptions knob applies to every drpost variant
+PER_VARIANT = ("feasible_set", "scoring")
+
+
+def _help(text: str, choices=None) -> dict:
+    return {"help": text, **({"choices": list(choices)} if choices is not None else {})}
 
 
 @dataclass
-class BenchConfig:
-    model: str = "smollm2"  # 'smollm2' or a local HF model directory
-    num_layers: int | None = None
-    batch: int = 8  # B general rows
-    seq: int = 128  # T tokens per row
-    target: int = 1  # V target rows
-    dtype: str = "fp32"  # fp32 | bf16 (bf16 autocast, fp32 weights)
-    device: str = "cpu"
-    reps: int = 5
-    warmup: int = 1
-    breakdown_reps: int = 1
-    configs: list = field(default_factory=lambda: list(DEFAULT_CONFIGS))
-    naive: bool = True
-    frac: float = 0.5
-    sketch: str = "gaussian-64x64"
-    freeze_embeddings: bool = False
-    threads: int | None = None
-    seed: int = 0
-    target_strategy: str = "merged"  # merged | separate (target gradient captured, cached refresh_every steps)
-    refresh_every: int = 1
-    memory: str = "auto"  # auto (CPU: subprocess, CUDA: allocator) | subprocess | inprocess | off
+class BenchConfig(DrPostOptions):
+    """The benchmark's shape and schedule, plus the engine's options (:class:`drpost.DrPostOptions`: frac,
+    sketch, seed, target_strategy, refresh_every, ...) shared by every variant; each variant's feasible set
+    and scoring back-end come from ``configs`` (``FEASIBLE_SET:SCORING``)."""
+    model: str = field(default="smollm2", metadata=_help("'smollm2' (embedded) or a local HF model directory"))
+    num_layers: Optional[int] = field(default=None, metadata=_help("keep the first N decoder layers (None: all)"))
+    batch: int = field(default=8, metadata=_help("general rows B"))
+    seq: int = field(default=128, metadata=_help("tokens per row T"))
+    target: int = field(default=1, metadata=_help("target rows V"))
+    dtype: str = field(default="fp32", metadata=_help("fp32, or bf16 autocast (fp32 weights)", ("fp32", "bf16")))
+    device: str = field(default="cpu", metadata=_help("cpu or cuda[:N]"))
+    reps: int = field(default=5, metadata=_help("timed steps per variant"))
+    warmup: int = field(default=1, metadata=_help("untimed steps per variant first"))
+    breakdown_reps: int = field(default=1, metadata=_help("extra steps timed per phase (0: no breakdown)"))
+    configs: list = field(default_factory=lambda: list(DEFAULT_CONFIGS), metadata=_help(
+        "FEASIBLE_SET:SCORING,... to time"))
+    naive: bool = field(default=True, metadata=_help("also time the naive vmap and two-pass alternatives"))
+    freeze_embeddings: bool = field(default=False, metadata=_help("freeze the (tied) embedding"))
+    threads: Optional[int] = field(default=None, metadata=_help("torch.set_num_threads (None: leave as is)"))
+    memory: str = field(default="auto", metadata=_help(
+        "peak memory: auto = a fresh process per variant on CPU (one warm-up + one measured step; RSS peaks are "
+        "not separable in one process), the allocator peak on CUDA", MEMORY_MODES))
+
+    def __post_init__(self):
+        self.check()
 
     def check(self) -> None:
+        """The engine's checks, then the benchmark's (run at construction)."""
         from drpost import feasible as fs
         from drpost.scoring import BACKENDS
 
+        self.check_options()
         for name, v, lo in (("batch", self.batch, 1), ("seq", self.seq, 4), ("target", self.target, 1),
                             ("reps", self.reps, 1), ("warmup", self.warmup, 0), ("breakdown_reps", self.breakdown_reps, 0)):
             if not isinstance(v, int) or v < lo:
                 raise ValueError(f"bench: {name} must be an integer >= {lo}, got {v!r}")
-        if self.target_strategy not in ("merged", "separate"):
-            raise ValueError(f"bench: target_strategy must be merged or separate, got {self.target_strategy!r}")
-        if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
-            raise ValueError(f"bench: refresh_every must be an integer >= 1, got {self.refresh_every!r}")
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"bench: memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"bench: dtype must be fp32 or bf16, got {self.dtype!r}")
-        if not 0 < self.frac <= 1:
-            raise ValueError(f"bench: frac must be in (0, 1], got {self.frac}")
+        for name, choices in (("memory", MEMORY_MODES), ("dtype", ("fp32", "bf16"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"bench: {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("bench: device cuda requested but torch.cuda.is_available() is False")
-        for c in self.configs:
+        for c in self.configs:     # each variant's feasible set and scoring: the engine's own checks
             parts = c.split(":")
-            if len(parts) != 2 or parts[0] not in fs.FEASIBLE_SETS or parts[1] not in BACKENDS:
+            try:
+                if len(parts) != 2:
+                    raise ValueError(c)
+                dataclasses.replace(self.engine_options(), feasible_set=parts[0], scoring=parts[1])
+            except ValueError:
                 raise ValueError(f"bench: config {c!r} must be FEASIBLE_SET:SCORING with a feasible set in "
-                                 f"{', '.join(fs.FEASIBLE_SETS)} and scoring in {', '.join(BACKENDS)}")
+                                 f"{', '.join(fs.FEASIBLE_SETS)} and scoring in {', '.join(BACKENDS)}") from None
+
+
+def _comma_list(text: str) -> list:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """``drpost bench``'s flags: one per field of :class:`BenchConfig` (its own and the engine's options,
+    help and choices from the fields; ``--configs`` takes a comma list), plus ``--out``/``--no-progress``."""
+    add_arguments(parser, BenchConfig, exclude=PER_VARIANT + ("configs",))
+    f = {f.name: f for f in dataclasses.fields(BenchConfig)}["configs"]
+    parser.add_argument("--configs", type=_comma_list, default=",".join(f.default_factory()),
+                        help=f.metadata["help"] + " (default %(default)s)")
+    parser.add_argument("--out", default="runs/bench", help="directory of the Markdown and JSON reports")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def bench_config_from_arguments(ns: argparse.Namespace) -> BenchConfig:
+    return from_arguments(ns, BenchConfig)
 
 
 # ------------------------------------------------------------------------------------ memory
-class _PeakRSS:
-    """Peak resident set size of this process while the block runs (sampled every ~1 ms)."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
-            import resource
-
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    def __enter__(self):
-        self.peak = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        return False
-
-
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _memory_child(cfg: BenchConfig, key: str) -> dict:
@@ -172,50 +148,15 @@ def _memory_child(cfg: BenchConfig, key: str) -> dict:
     bench.activate(key)
     step()  # warm-up: optimizer state allocated, lazy buffers built
     gc.collect()
-    before = _proc_status_kb("VmRSS")
-    reset = _reset_peak_rss()
+    before = proc_status_kb("VmRSS")
+    reset = reset_peak_rss()
     step()
-    peak = _proc_status_kb("VmHWM")
+    peak = proc_status_kb("VmHWM")
     if peak is None:  # not Linux: the process's lifetime peak
         import resource
 
         peak, reset = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
     return {"peak_kb": peak, "before_kb": before, "reset": reset}
-
-
-def _memory_in_subprocesses(cfg: BenchConfig, keys: list[str], progress: bool) -> dict:
-    """Peak RSS of one step of every variant, each measured in its own Python process."""
-    import subprocess
-    import sys
-
-    from tqdm.auto import tqdm
-
-    out = {}
-    for key in tqdm(keys, desc="memory", unit="variant", disable=not progress, dynamic_ncols=True):
-        payload = json.dumps({"cfg": asdict(cfg), "key": key})
-        proc = subprocess.run([sys.executable, "-m", "drpost.bench", "--memory-child"], input=payload,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            out[key] = {"error": f"memory subprocess failed (exit {proc.returncode}): {tail[:200]}"}
-            continue
-        out[key] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
-
-
-class _PeakCUDA:
-    def __init__(self, device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.synchronize(self.device)
-        self.peak = torch.cuda.max_memory_allocated(self.device)
-        return False
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -298,10 +239,8 @@ class _Bench:
 
         fset, scoring = key.split(":")
         if key not in self.regs:
-            self.regs[key] = DataRegularizer(self.model, feasible_set=fset, frac=self.cfg.frac, scoring=scoring,
-                                             sketch=self.cfg.sketch, seed=self.cfg.seed,
-                                             target_strategy=self.cfg.target_strategy,
-                                             refresh_every=self.cfg.refresh_every)
+            self.regs[key] = DataRegularizer(self.model, self.cfg.engine_options(), feasible_set=fset,
+                                             scoring=scoring)
             self.regs[key].detach()
         return self.regs[key]
 
@@ -406,7 +345,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     failed: dict[str, str] = {}
     memory_notes = {}
     if memory == "subprocess":  # first, while this process holds no model
-        for key, m in _memory_in_subprocesses(cfg, keys, progress).items():
+        for key, m in memory_in_subprocesses(cfg, keys, progress).items():
             if "error" in m:
                 memory_notes[key] = m["error"]
             else:
@@ -422,7 +361,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 continue
             step = _variant(bench, key)
             bench.activate(key)
-            meter = {"allocator": lambda: _PeakCUDA(bench.device), "inprocess": _PeakRSS}.get(memory, nullcontext)()
+            meter = {"allocator": lambda: PeakCUDA(bench.device), "inprocess": PeakRSS}.get(memory, nullcontext)()
             try:
                 bench.sync()
                 with meter:
@@ -492,51 +431,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         "rows": rows,
         "times": times,
     }
-
-
-def format_report(report: dict) -> str:
-    """Markdown: the ratio table, then the breakdown table (ms per phase)."""
-    c = report["config"]
-    head = (f"model {c['model']} ({report['model_layers']} layers, {report['trainable_params'] / 1e6:.1f}M trainable), "
-            f"B={c['batch']} T={c['seq']} V={c['target']}, {c['dtype']}, {c['device']} "
-            f"({report['machine']['threads']} threads), frac {c['frac']}, target {c.get('target_strategy', 'merged')}"
-            + (f" (refresh every {c['refresh_every']})" if c.get("target_strategy") == "separate" else "")
-            + f", {c['reps']} timed reps after "
-            f"{c['warmup']} warm-up, variants alternated; memory = {report['memory_kind']}")
-    lines = [head, "", "| variant | median s | ratio to plain (min-max) | peak MB | memory ratio | back-ends (layers) |",
-             "|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        if "failed" in r:
-            lines.append(f"| {r['config']} | failed: {r['failed']} | | | | |")
-            continue
-        lo, hi = r["ratio_min_max"]
-        used = ", ".join(f"{k} {v}" for k, v in sorted(r["backends"].items()))
-        lines.append(f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} ({lo:.2f}-{hi:.2f}) | "
-                     f"{r['peak_mb']:.0f} | {r['memory_ratio']:.3f} | {used} |")
-    phases = [p for p in PHASES if any(p in r.get("breakdown_s", {}) for r in report["rows"])]
-    if phases:
-        lines += ["", "Breakdown (ms per step; exclusive time per phase):", "",
-                  "| variant | " + " | ".join(phases) + " | sum |", "|---|" + "---|" * (len(phases) + 1)]
-        for r in report["rows"]:
-            bd = r.get("breakdown_s") or {}
-            if not bd:
-                continue
-            cells = ["" if p not in bd else f"{bd[p] * 1e3:.0f}" for p in phases]
-            lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {sum(bd.values()) * 1e3:.0f} |")
-    return "\n".join(lines)
-
-
-def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    c = report["config"]
-    stem = f"bench-B{c['batch']}-T{c['seq']}-V{c['target']}-{c['dtype']}-{c['device'].replace(':', '')}"
-    if c.get("target_strategy") == "separate":
-        stem += f"-separate{c['refresh_every']}"
-    md, js = out / f"{stem}.md", out / f"{stem}.json"
-    md.write_text(format_report(report) + "\n")
-    js.write_text(json.dumps(report, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
-    return md, js
 
 
 if __name__ == "__main__":  # the memory subprocess of run_bench: JSON in on stdin, JSON out on stdout

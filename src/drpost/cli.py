@@ -121,49 +121,18 @@ def _spectrum(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from drpost.bench import BenchConfig, format_report, run_bench, write_report
+    from drpost.bench import bench_config_from_arguments, format_report, run_bench, write_report
 
-    cfg = BenchConfig(model=args.model, num_layers=args.num_layers, batch=args.batch, seq=args.seq,
-                      target=args.target, dtype=args.dtype, device=args.device, reps=args.reps, warmup=args.warmup,
-                      breakdown_reps=args.breakdown_reps,
-                      configs=[c.strip() for c in args.configs.split(",") if c.strip()], naive=not args.no_naive,
-                      frac=args.frac, sketch=args.sketch, freeze_embeddings=args.freeze_embeddings,
-                      threads=args.threads, memory=args.memory, target_strategy=args.target_strategy,
-                      refresh_every=args.refresh_every)
-    report = run_bench(cfg, progress=not args.no_progress)
+    report = run_bench(bench_config_from_arguments(args), progress=not args.no_progress)
     md, js = write_report(report, args.out)
     print("\n" + format_report(report) + f"\n\nwritten: {md}, {js}")
     return 0
 
 
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from drpost.bench import DEFAULT_CONFIGS
+    from drpost.bench import add_bench_arguments   # generated from BenchConfig's fields
 
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded) or a local HF model directory")
-    p.add_argument("--num-layers", type=int, default=None, help="keep the first N decoder layers (default: all)")
-    p.add_argument("--batch", type=int, default=8, help="general rows B (default 8)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per row T (default 128)")
-    p.add_argument("--target", type=int, default=1, help="target rows V (default 1)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="fp32, or bf16 autocast")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--reps", type=int, default=5, help="timed steps per variant (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default 1)")
-    p.add_argument("--breakdown-reps", type=int, default=1, help="extra steps timed per phase (0: no breakdown)")
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="FEASIBLE_SET:SCORING,... to time")
-    p.add_argument("--no-naive", action="store_true", help="skip the naive vmap and two-pass alternatives")
-    p.add_argument("--frac", type=float, default=0.5)
-    p.add_argument("--sketch", default="gaussian-64x64", help="sketch of the sketch back-end")
-    p.add_argument("--freeze-embeddings", action="store_true", help="freeze the (tied) embedding")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--target-strategy", default="merged", choices=("merged", "separate"),
-                   help="merged: target rows in every step's forward/backward; separate: captured first and "
-                        "cached for --refresh-every steps")
-    p.add_argument("--refresh-every", type=int, default=1, help="steps between target captures (separate)")
-    p.add_argument("--memory", default="auto", choices=("auto", "subprocess", "inprocess", "off"),
-                   help="peak memory: auto = a fresh process per variant on CPU (one warm-up + one measured "
-                        "step; RSS peaks are not separable in one process), the allocator peak on CUDA")
-    p.add_argument("--out", default="runs/bench", help="directory of the Markdown and JSON reports")
-    p.add_argument("--no-progress", action="store_true")
+    add_bench_arguments(p)
 
 
 def _eval(args: argparse.Namespace) -> int:

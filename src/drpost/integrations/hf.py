@@ -84,83 +84,35 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import sys
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import checkpoint as ckpt
-from .. import feasible as fs
 from ..batch import IGNORE_INDEX
-from ..engine import NONFINITE, SCORE_NORMS, TARGET_STRATEGIES, DataRegularizer, NonFiniteError
-from ..scoring import BACKENDS, parse_sketch
+from ..engine import DataRegularizer, NonFiniteError, OptionError
+from ..training_options import DrPostTrainingOptions, check_int
+from .checkpoints import DRPOST_STATE_NAME, CrashSafeCheckpoints, _checkpoint_step
+from .target_sampler import TargetSampler
 
-DRPOST_STATE_NAME = "drpost_state.pt"
+__all__ = ["DrPostArguments", "DrPostTrainer", "TargetSampler", "DRPOST_STATE_NAME"]
+
 _TARGET_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass
-class DrPostArguments(TrainingArguments):
-    """``TrainingArguments`` plus the Dr. Post-Training options of ``DataRegularizer``.
+class DrPostArguments(TrainingArguments, DrPostTrainingOptions):
+    """``TrainingArguments`` plus the Dr. Post-Training options: every field of :class:`drpost.DrPostOptions`
+    (the same help texts, choices and checks; ``nonfinite`` defaults to 'skip') and ``target_batch_size``
+    (:class:`drpost.training_options.DrPostTrainingOptions`), so ``HfArgumentParser(DrPostArguments)``
+    offers them all as flags. ``seed`` is TrainingArguments' and also seeds the target sampler and drpost
+    (the ``random`` feasible set, the sketches)."""
 
-    ``seed`` also seeds the target sampler and the ``random`` feasible set."""
-
-    feasible_set: str = field(
-        default="layerwise",
-        metadata={"help": "Feasible set of update directions built from the general batch: 'standard' "
-                          "(plain training), 'target_only', 'global', 'layerwise', 'rowwise', 'filter', "
-                          "'greedy' or 'random'.", "choices": list(fs.FEASIBLE_SETS)})
-    frac: float = field(
-        default=0.5,
-        metadata={"help": "Regularization strength in (0, 1]: top-k feasible sets keep "
-                          "k = max(1, floor(batch * frac)) general samples per layer; 'filter' drops this "
-                          "share of the negatively scored samples. frac=1 is plain training."})
-    scoring: str = field(
-        default="auto",
-        metadata={"help": "How the per-sample scores <G_i, g_T> are computed: 'reduced_ghost', "
-                          "'pairwise_ghost', 'direct', 'sketch' or 'auto' (cheapest exact back-end per layer).",
-                  "choices": list(BACKENDS)})
-    target_strategy: str = field(
-        default="merged",
-        metadata={"help": "'merged': target rows ride in the same forward/backward as the general batch; "
-                          "'separate': the target gradient is captured first and reused for `refresh_every` "
-                          "steps.", "choices": list(TARGET_STRATEGIES)})
-    score_norm: str = field(
-        default="none",
-        metadata={"help": "Score normalisation before selection: 'none' (paper), 'per_token' or 'cosine'.",
-                  "choices": list(SCORE_NORMS)})
-    scope: str = field(
-        default="layer",
-        metadata={"help": "Decision scope of 'filter', 'greedy' and 'random': per 'layer' or one 'global' "
-                          "decision.", "choices": list(fs.SCOPES)})
-    sketch: str = field(
-        default="gaussian-64x64",
-        metadata={"help": "Sketch for scoring='sketch': 'gaussian-K1xK2' or 'countsketch-K1xK2'."})
-    refresh_every: int = field(
-        default=1,
-        metadata={"help": "target_strategy='separate': recapture the target gradient every this many "
-                          "optimisation steps."})
-    target_batch_size: int = field(
-        default=2,
-        metadata={"help": "Target rows drawn per optimisation step (shared by all its micro-batches; "
-                          "with several processes, the whole target batch, split between the ranks)."})
     n_target: int = field(
         default=16,
         metadata={"help": "Minimum number of rows the target dataset must have (a guard against passing "
                           "the wrong, too small split)."})
-    nonfinite: str = field(
-        default="skip",
-        metadata={"help": "On a NaN/inf loss, score or target gradient: 'skip' the optimisation step "
-                          "(counted in the logs as skipped_steps) or raise an 'error'.",
-                  "choices": list(NONFINITE)})
-    greedy_lr: float = field(
-        default=1e-4,
-        metadata={"help": "Step size weighing the second-order term of feasible_set='greedy'."})
     selection_log: str | None = field(
         default=None,
         metadata={"help": "Path of a JSON-lines file that gets, per optimisation step (main process), the "
@@ -170,71 +122,15 @@ class DrPostArguments(TrainingArguments):
                           "same file as an uninterrupted one."})
 
     def __post_init__(self):
-        def one_of(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"DrPostArguments: unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-
-        one_of("feasible_set", fs.FEASIBLE_SETS)
-        one_of("scoring", BACKENDS)
-        one_of("target_strategy", TARGET_STRATEGIES)
-        one_of("score_norm", SCORE_NORMS)
-        one_of("scope", fs.SCOPES)
-        one_of("nonfinite", NONFINITE)
         try:
-            fs.check_frac(self.frac)
-            parse_sketch(self.sketch)
-        except ValueError as e:
-            raise ValueError(f"DrPostArguments: {e}") from None
-        for name in ("refresh_every", "target_batch_size", "n_target"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DrPostArguments: {name} must be a positive integer, got {value!r}")
-        if isinstance(self.greedy_lr, bool) or not isinstance(self.greedy_lr, (int, float)) or not self.greedy_lr > 0:
-            raise ValueError(f"DrPostArguments: greedy_lr must be a positive number, got {self.greedy_lr!r}")
-        super().__post_init__()
+            self.check_training_options()
+            check_int(self, "n_target")
+        except OptionError as err:
+            raise OptionError(err.option, f"DrPostArguments: {err}") from None
+        TrainingArguments.__post_init__(self)
 
 
-class TargetSampler:
-    """Endless, seeded stream of target batches (lists of row indices).
-
-    Target epoch e is a permutation of the rows drawn from a generator seeded with (seed, e); it is
-    cut into ``n // batch_size`` batches (a batch never repeats a row; the ``n % batch_size`` rows left
-    over go unused that epoch, a different few each epoch). The state ``(seed, epoch, position)``
-    determines every future batch."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        if batch_size > n:
-            raise ValueError(f"target_batch_size ({batch_size}) is larger than the target dataset ({n} rows)")
-        self.n, self.batch_size, self.seed = n, batch_size, int(seed)
-        self.epoch, self.position = 0, 0
-        self._perm, self._perm_epoch = None, None
-
-    def _permutation(self) -> list:
-        if self._perm_epoch != self.epoch:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 63)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g).tolist(), self.epoch
-        return self._perm
-
-    def next_indices(self) -> list:
-        if self.position + self.batch_size > self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-        out = self._permutation()[self.position:self.position + self.batch_size]
-        self.position += self.batch_size
-        return out
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "n": self.n,
-                "batch_size": self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["n"] != self.n:
-            raise ValueError(f"the checkpoint's target sampler ran over {state['n']} target rows but this run's "
-                             f"target dataset has {self.n}: resume with the same target dataset")
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
-
-
-class DrPostTrainer(Trainer):
+class DrPostTrainer(CrashSafeCheckpoints, Trainer):
     """A ``transformers.Trainer`` whose backward is ``DataRegularizer.backward``.
 
     Args (besides the Trainer's own):
@@ -344,11 +240,8 @@ class DrPostTrainer(Trainer):
             if a.n_gpu > 1:
                 raise NotImplementedError("DrPostTrainer does not support nn.DataParallel (several GPUs in one "
                                           "process): launch one process per GPU with torchrun")
-            self._reg = DataRegularizer(
-                self.accelerator.unwrap_model(model), feasible_set=a.feasible_set, frac=a.frac,
-                scoring=a.scoring, target_strategy=a.target_strategy, score_norm=a.score_norm, scope=a.scope,
-                sketch=a.sketch, seed=a.seed, greedy_lr=a.greedy_lr, refresh_every=a.refresh_every,
-                nonfinite=a.nonfinite, pad_token_id=getattr(self.processing_class, "pad_token_id", None))
+            self._reg = DataRegularizer(self.accelerator.unwrap_model(model), a.engine_options(),
+                                        pad_token_id=getattr(self.processing_class, "pad_token_id", None))
             if self._pending_reg_state is not None:
                 self._reg.load_state_dict(self._pending_reg_state)
                 self._pending_reg_state = None
@@ -509,9 +402,8 @@ class DrPostTrainer(Trainer):
         fields = {
             "len(train_dataset)": len(self.train_dataset) if self.train_dataset is not None else None,
             "target_dataset": _dist.short_digest(fingerprint(self.target_dataset)),
-            "drpost options": (a.feasible_set, a.frac, a.scoring, a.target_strategy, a.score_norm, a.scope,
-                               a.sketch, a.refresh_every, a.target_batch_size, a.nonfinite, a.greedy_lr),
-            "seed": a.seed, "max_steps": a.max_steps, "per_device_train_batch_size": a.per_device_train_batch_size,
+            "drpost options": {**a.fingerprint(), "target_batch_size": a.target_batch_size},
+            "max_steps": a.max_steps, "per_device_train_batch_size": a.per_device_train_batch_size,
             "gradient_accumulation_steps": a.gradient_accumulation_steps,
             "resume checkpoint": os.path.basename(checkpoint) if isinstance(checkpoint, str) else None,
         }
@@ -519,109 +411,13 @@ class DrPostTrainer(Trainer):
         _dist.check_same_config(ctx, fields)
 
     # ------------------------------------------------------------------ checkpoints
-    def drpost_state_dict(self) -> dict:
-        reg = self._reg
-        return {"format": 2,
-                "target_sampler": None if self._sampler is None else self._sampler.state_dict(),
-                "regularizer": reg.state_dict() if reg is not None else self._pending_reg_state,
-                "feasible_set": self.args.feasible_set}
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The stock Trainer's checkpoint, written crash-safely (:mod:`drpost.checkpoint`): every file
-        (model, optimizer, scheduler, RNG states, trainer state, ``drpost_state.pt``) goes into a
-        staging folder, a manifest of checksums is written last, and the folder is renamed to
-        ``checkpoint-N`` in one atomic step; older checkpoints are rotated out only afterwards."""
-        from transformers.trainer_callback import ExportableState
-        from transformers.trainer_utils import SaveStrategy
-
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        run_dir = self._get_output_dir(trial=trial)
-        final = os.path.join(run_dir, name)
-        stage = str(ckpt.staging_dir(final))
-        if self.args.should_save:
-            shutil.rmtree(stage, ignore_errors=True)     # leftovers of an interrupted write
-            os.makedirs(stage, exist_ok=True)
-        self.accelerator.wait_for_everyone()             # no rank writes before the folder is fresh
-        os.makedirs(stage, exist_ok=True)
-        self.save_model(stage, _internal_call=True)
-        if self.args.save_strategy in [SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST] \
-                and self.state.best_global_step:
-            best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
-            if self.state.best_global_step == self.state.global_step or os.path.exists(best):
-                self.state.best_model_checkpoint = best
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(stage)
-            self._save_scaler(stage)
-            self._save_rng_state(stage)                  # every rank writes its own RNG file
-        if self.args.should_save:
-            for cb in [cb for cb in self.callback_handler.callbacks + [self.control]
-                       if isinstance(cb, ExportableState)]:
-                cb_name, cb_state = cb.__class__.__name__, cb.state()
-                if isinstance(self.state.stateful_callbacks[cb_name], list):
-                    self.state.stateful_callbacks[cb_name].append(cb_state)
-                else:
-                    self.state.stateful_callbacks[cb_name] = cb_state
-            self.state.save_to_json(os.path.join(stage, TRAINER_STATE_NAME))
-            torch.save(self.drpost_state_dict(), os.path.join(stage, DRPOST_STATE_NAME))
-        self.accelerator.wait_for_everyone()             # every rank's files are in the staging folder
-        if self.args.should_save:
-            ckpt.write_manifest(stage, step=self.state.global_step)
-            ckpt.publish(stage, final)
-            if self.args.push_to_hub:
-                self._push_from_checkpoint(final)
-            ckpt.rotate(run_dir, self.args.save_total_limit, protect=self.state.best_model_checkpoint)
-        self.accelerator.wait_for_everyone()
-
-    def _load_drpost_state(self, checkpoint: str) -> None:
-        path = os.path.join(checkpoint, DRPOST_STATE_NAME)
-        if not os.path.isfile(path):
-            warnings.warn(f"{checkpoint} has no {DRPOST_STATE_NAME} (not written by DrPostTrainer?): the target "
-                          "sampler and the regularizer's generator start from the seed", stacklevel=3)
-            return
-        state = torch.load(path, weights_only=True)
-        if state.get("target_sampler") is not None and self._sampler is not None:
-            self._sampler.load_state_dict(state["target_sampler"])
-        self._pending_reg_state = state.get("regularizer")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
               **kwargs):
         self._reset_run_state()
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:      # the newest checkpoint whose manifest verifies (broken ones are reported)
-            found = ckpt.last_valid_checkpoint(self.args.output_dir, report=_report)
-            if found is None:
-                raise ckpt.CheckpointError(f"resume_from_checkpoint=True but {self.args.output_dir} has no complete "
-                                           "checkpoint-N folder to resume from")
-            checkpoint = str(found)
-        if isinstance(checkpoint, (str, os.PathLike)):
-            checkpoint = os.fspath(checkpoint)
-            if os.path.isfile(os.path.join(checkpoint, ckpt.MANIFEST_NAME)):
-                ckpt.check(checkpoint)
-            elif os.path.isdir(checkpoint):
-                warnings.warn(f"{checkpoint} has no {ckpt.MANIFEST_NAME} (not written by this drpost version): its "
-                              "files cannot be verified", stacklevel=2)
-            self._load_drpost_state(checkpoint)
+        checkpoint = self._resume_checkpoint(resume_from_checkpoint)
         self._truncate_selection_log(_checkpoint_step(checkpoint))
-        if self.args.should_save and self.args.save_strategy != "no":
-            ckpt.clear_staging(self.args.output_dir)
         if self.args.world_size > 1:
             self._check_ranks_agree(checkpoint)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
-
-
-def _report(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _checkpoint_step(checkpoint) -> int:
-    """The global step a resumed run starts from (0 for a fresh run)."""
-    if not isinstance(checkpoint, str):
-        return 0
-    path = os.path.join(checkpoint, TRAINER_STATE_NAME)
-    if os.path.isfile(path):
-        with open(path) as f:
-            return int(json.load(f).get("global_step", 0))
-    return ckpt.step_of(checkpoint) or 0

@@ -43,15 +43,16 @@ def _algorithm(cfg: Config) -> str:
 
 
 def policy_config(cfg: Config) -> PolicyGradientConfig:
-    rl, r, t = cfg.rl, cfg.drpost, cfg.train
-    return PolicyGradientConfig(
-        algorithm=_algorithm(cfg), feasible_set="standard" if rl.iif else r.feasible_set, frac=r.frac,
-        scope=r.scope, scoring=r.scoring, iif=rl.iif, target_loss=rl.target_loss, target_source=rl.target_source,
-        target_batch=rl.target_batch, refresh_every=r.refresh_every, prompts_per_step=rl.prompts_per_step,
-        group_size=rl.group_size, micro_batch=rl.micro_batch, mini_batches=rl.mini_batches, epochs=rl.epochs,
-        max_new_tokens=rl.max_new_tokens, temperature=rl.temperature, beta=rl.beta, clip_eps=rl.clip_eps,
-        lr=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, bf16=t.bf16, seed=t.seed,
-        system_prompt=rl.system_prompt, nonfinite=r.nonfinite)
+    """The trainer's config: the engine's options from ``drpost:``, the loop's from ``rl:``, the optimiser's
+    and the seed from ``train:``."""
+    from drpost import DrPostOptions
+    from drpost.training_options import PolicyGradientOptions, values_of
+
+    rl, t = cfg.rl, cfg.train
+    return PolicyGradientConfig(**{
+        **values_of(cfg.drpost, DrPostOptions), **values_of(rl, PolicyGradientOptions),
+        "algorithm": _algorithm(cfg), "feasible_set": "standard" if rl.iif else cfg.drpost.feasible_set,
+        "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "seed": t.seed})
 
 
 def evaluate_policy(model, tokenizer, rows: list[dict], scorer, max_new_tokens: int, system_prompt,

@@ -331,18 +331,8 @@ def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_num_workers=0,
-        feasible_set=r.feasible_set,
-        frac=r.frac,
-        scoring=r.scoring,
-        target_strategy=r.target_strategy,
-        score_norm=r.score_norm,
-        scope=r.scope,
-        sketch=r.sketch,
-        refresh_every=r.refresh_every,
-        target_batch_size=r.target_batch_size,
+        **r.trainer_values(),  # the drpost: section (its seed is train.seed, above)
         n_target=cfg.data.n_target,
-        nonfinite=r.nonfinite,
-        greedy_lr=r.greedy_lr,
         selection_log=str(run_dir / "selections.jsonl") if t.log_selections else None,
     )
     optimizers = (_meso(cfg, model), None) if t.optimizer == "meso" else (None, None)

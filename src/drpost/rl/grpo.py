@@ -35,7 +35,6 @@ TRL's ``selective_log_softmax`` computes the log-probs.
 from __future__ import annotations
 
 import copy
-import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -43,79 +42,47 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from drpost import feasible as fs
 from drpost.engine import DataRegularizer
+from drpost.engine.options import DrPostOptions, OptionError, option
+from drpost.training_options import PolicyGradientOptions, check_int
 
 from .iif import iif_keep
 from .loss import PolicyLoss, kl_per_token, policy_logps
 from .rewards import call_rewards, group_advantages, rloo_advantages, zscore_rewards
 from .rollout import Rollout, sample
 
-ALGORITHMS = ("grpo", "rloo")
-TARGET_LOSSES = ("reward", "train-loss")
-TARGET_SOURCES = ("pool", "self")
 _NEVER = 10 ** 9
 
 
 @dataclass
-class PolicyGradientConfig:
-    """Every knob of :class:`PolicyGradientTrainer` (the ``rl:`` section of a recipe adds the task)."""
-    algorithm: str = "grpo"          # grpo | rloo
-    feasible_set: str = "filter"     # any drpost feasible set; 'standard' = plain GRPO/RLOO
-    frac: float = 1.0                # filter: share of the negatively scored completions dropped
-    scope: str = "layer"             # filter: per-'layer' decision (LayerWise) or one 'global' one
-    scoring: str = "auto"
-    iif: bool = False                # the IIF baseline (whole-rollout global filter, then plain training)
-    target_loss: str = "reward"      # reward | train-loss
-    target_source: str = "pool"      # pool (rollouts on target prompts) | self (the step's own rollout)
-    target_batch: int = 4            # target prompts rolled out per refresh
-    refresh_every: int = 1           # steps between target refreshes
-    prompts_per_step: int = 4
-    group_size: int = 4              # completions per prompt
-    micro_batch: int = 8             # rows per forward/backward
-    mini_batches: int = 1            # optimiser steps per epoch over the rollout
-    epochs: int = 1                  # passes over each rollout
-    max_new_tokens: int = 4
-    temperature: float = 1.0
-    beta: float = 0.04               # KL coefficient (GRPO: loss term; RLOO: reward shaping)
-    clip_eps: float = 0.2
+class PolicyGradientConfig(PolicyGradientOptions, DrPostOptions):
+    """Every knob of :class:`PolicyGradientTrainer`: the engine's options (:class:`drpost.DrPostOptions`;
+    RL defaults ``feasible_set='filter'``, ``frac=1.0``; ``refresh_every`` is the steps between target
+    refreshes, ``target_strategy`` is always 'separate'), the loop's
+    (:class:`drpost.training_options.PolicyGradientOptions`) and the optimiser's below. The ``rl:``
+    section of a recipe adds the task."""
+    feasible_set: str = option("feasible_set", "filter")   # 'standard' = plain GRPO/RLOO
+    frac: float = option("frac", 1.0)                      # filter: share of the negatively scored completions dropped
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0       # 0: no clipping
     bf16: bool = False               # bf16 autocast for forward/backward
-    seed: int = 0
-    system_prompt: str | None = ""
-    nonfinite: str = "error"
     generation_batch: int = 32
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> None:
-        def need(cond, key, msg, value):
-            if not cond:
-                raise ValueError(f"{key} {msg}, got {value!r}")
-        need(self.algorithm in ALGORITHMS, "algorithm", f"must be one of {', '.join(ALGORITHMS)}", self.algorithm)
-        need(self.feasible_set in fs.FEASIBLE_SETS, "feasible_set", f"must be one of {', '.join(fs.FEASIBLE_SETS)}",
-             self.feasible_set)
-        need(self.target_loss in TARGET_LOSSES, "target_loss", f"must be one of {', '.join(TARGET_LOSSES)}",
-             self.target_loss)
-        need(self.target_source in TARGET_SOURCES, "target_source", f"must be one of {', '.join(TARGET_SOURCES)}",
-             self.target_source)
-        need(self.scope in fs.SCOPES, "scope", f"must be one of {', '.join(fs.SCOPES)}", self.scope)
-        fs.check_frac(self.frac)
-        for key in ("target_batch", "refresh_every", "prompts_per_step", "group_size", "micro_batch",
-                    "mini_batches", "epochs", "max_new_tokens", "generation_batch"):
-            v = getattr(self, key)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, key, "must be an integer >= 1", v)
-        need(self.algorithm != "rloo" or self.group_size >= 2, "group_size", "must be >= 2 for RLOO", self.group_size)
-        need(self.mini_batches <= self.prompts_per_step * self.group_size, "mini_batches",
-             "must be <= the rollout size (prompts_per_step * group_size)", self.mini_batches)
-        need(self.temperature > 0, "temperature", "must be > 0", self.temperature)
-        need(self.beta >= 0 and math.isfinite(self.beta), "beta", "must be >= 0", self.beta)
-        need(self.clip_eps > 0, "clip_eps", "must be > 0", self.clip_eps)
-        need(self.lr > 0, "lr", "must be > 0", self.lr)
-        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", self.max_grad_norm)
-        need(not (self.iif and self.feasible_set not in ("standard", "filter")), "feasible_set",
-             "must be 'standard' with iif=True (IIF filters the rollout once, then trains plainly)",
-             self.feasible_set)
+        """Every check (the engine's options, the loop's, the optimiser's); run at construction."""
+        self.check_options()
+        self.check_policy_gradient_options()
+        check_int(self, "generation_batch")
+        for name, ok, what in (("lr", self.lr > 0, "> 0"), ("max_grad_norm", self.max_grad_norm >= 0, ">= 0")):
+            if not ok:
+                raise OptionError(name, f"{name} must be {what}, got {getattr(self, name)!r}")
+        if self.iif and self.feasible_set not in ("standard", "filter"):
+            raise OptionError("feasible_set", "feasible_set must be 'standard' with iif=True (IIF filters the rollout "
+                                              f"once, then trains plainly), got {self.feasible_set!r}")
 
     @property
     def uses_target(self) -> bool:
@@ -160,14 +127,15 @@ class PolicyGradientTrainer:
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
         self.loss = PolicyLoss(cfg.clip_eps, cfg.beta if cfg.algorithm == "grpo" else 0.0, cfg.temperature)
-        common = dict(scoring=cfg.scoring, target_strategy="separate", refresh_every=_NEVER, loss_fn=self.loss,
-                      nonfinite=cfg.nonfinite, pad_token_id=self.pad_id, seed=cfg.seed)
+        # the loop refreshes the target gradient itself (every cfg.refresh_every steps), so the engine never does
+        options = cfg.engine_options()
+        common = dict(target_strategy="separate", refresh_every=_NEVER, loss_fn=self.loss, pad_token_id=self.pad_id)
         self.scorer = None
         if cfg.iif:   # whole-rollout scoring (global decision, filter), then plain training
-            self.scorer = DataRegularizer(model, feasible_set="filter", frac=cfg.frac, scope="global", **common)
-            self.engine = DataRegularizer(model, feasible_set="standard", frac=1.0, **common)
+            self.scorer = DataRegularizer(model, options, feasible_set="filter", scope="global", **common)
+            self.engine = DataRegularizer(model, options, feasible_set="standard", frac=1.0, **common)
         else:
-            self.engine = DataRegularizer(model, feasible_set=cfg.feasible_set, frac=cfg.frac, scope=cfg.scope, **common)
+            self.engine = DataRegularizer(model, options, **common)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._params = params

@@ -1,0 +1,55 @@
+"""The report of ``drpost bench`` (:mod:`drpost.bench`): a Markdown table of the ratios to the plain step,
+the breakdown per phase, and the JSON of every number."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+PHASES = ("forward", "backward", "activation_backward", "weight_grad", "scoring", "selection", "norm_rules",
+          "assembly", "optimizer", "pass_1", "pass_2", "per_sample_grads")
+
+
+def format_report(report: dict) -> str:
+    """Markdown: the ratio table, then the breakdown table (ms per phase)."""
+    c = report["config"]
+    head = (f"model {c['model']} ({report['model_layers']} layers, {report['trainable_params'] / 1e6:.1f}M trainable), "
+            f"B={c['batch']} T={c['seq']} V={c['target']}, {c['dtype']}, {c['device']} "
+            f"({report['machine']['threads']} threads), frac {c['frac']}, target {c.get('target_strategy', 'merged')}"
+            + (f" (refresh every {c['refresh_every']})" if c.get("target_strategy") == "separate" else "")
+            + f", {c['reps']} timed reps after "
+            f"{c['warmup']} warm-up, variants alternated; memory = {report['memory_kind']}")
+    lines = [head, "", "| variant | median s | ratio to plain (min-max) | peak MB | memory ratio | back-ends (layers) |",
+             "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if "failed" in r:
+            lines.append(f"| {r['config']} | failed: {r['failed']} | | | | |")
+            continue
+        lo, hi = r["ratio_min_max"]
+        used = ", ".join(f"{k} {v}" for k, v in sorted(r["backends"].items()))
+        lines.append(f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} ({lo:.2f}-{hi:.2f}) | "
+                     f"{r['peak_mb']:.0f} | {r['memory_ratio']:.3f} | {used} |")
+    phases = [p for p in PHASES if any(p in r.get("breakdown_s", {}) for r in report["rows"])]
+    if phases:
+        lines += ["", "Breakdown (ms per step; exclusive time per phase):", "",
+                  "| variant | " + " | ".join(phases) + " | sum |", "|---|" + "---|" * (len(phases) + 1)]
+        for r in report["rows"]:
+            bd = r.get("breakdown_s") or {}
+            if not bd:
+                continue
+            cells = ["" if p not in bd else f"{bd[p] * 1e3:.0f}" for p in phases]
+            lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {sum(bd.values()) * 1e3:.0f} |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    c = report["config"]
+    stem = f"bench-B{c['batch']}-T{c['seq']}-V{c['target']}-{c['dtype']}-{c['device'].replace(':', '')}"
+    if c.get("target_strategy") == "separate":
+        stem += f"-separate{c['refresh_every']}"
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    md.write_text(format_report(report) + "\n")
+    js.write_text(json.dumps(report, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))
+    return md, js

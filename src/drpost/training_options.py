@@ -1,0 +1,142 @@
+"""The options of the trainers around the engine, each declared once and checked once.
+
+* :class:`DrPostTrainingOptions`: :class:`~drpost.engine.options.DrPostOptions` plus what a
+  supervised trainer adds (``target_batch_size``) and the front ends' default ``nonfinite='skip'``.
+  The YAML ``drpost:`` section (:class:`drpost.config.DrPostConfig`) and
+  :class:`drpost.integrations.DrPostArguments` both inherit it.
+* :class:`PolicyGradientOptions`: the knobs of the policy-gradient loop (algorithm, IIF, the target
+  loss and source, rollout and batch sizes, sampling, KL and clipping), shared by the YAML ``rl:``
+  section (:class:`drpost.config.RLConfig`, which adds the task) and
+  :class:`drpost.rl.PolicyGradientConfig` (which adds the engine's options and the optimiser's).
+
+Checks raise :class:`~drpost.engine.options.OptionError` naming the option; front ends prefix their
+own key (``'drpost.frac'``, ``'rl.group_size'``, ``DrPostArguments: ...``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from .engine.options import DrPostOptions, OptionError, option
+
+ALGORITHMS = ("grpo", "rloo")
+TARGET_LOSSES = ("reward", "train-loss")
+TARGET_SOURCES = ("pool", "self")
+
+
+def values_of(obj: Any, cls: type) -> dict:
+    """The values of the fields ``cls`` declares, read from ``obj`` (an instance of a subclass of
+    ``cls``): e.g. the DrPostOptions part of a recipe section, passed on without naming the fields."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}
+
+
+def check_int(obj: Any, name: str, low: int = 1) -> None:
+    """OptionError unless ``obj.<name>`` is an integer >= ``low``."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise OptionError(name, f"{name} must be an integer >= {low}, got {value!r}")
+
+
+@dataclass
+class DrPostTrainingOptions(DrPostOptions):
+    """The engine's options plus a supervised trainer's: the target batch drawn per step.
+
+    ``seed`` is the trainer's own (``TrainingArguments.seed``, a recipe's ``train.seed``): it seeds
+    drpost too, so a recipe never sets it in its ``drpost:`` section (:attr:`TRAINER_OWNED`)."""
+
+    TRAINER_OWNED: ClassVar[tuple] = ("seed",)
+
+    nonfinite: str = option("nonfinite", "skip")
+    target_batch_size: int = field(default=2, metadata={"help": (
+        "Target rows drawn per optimisation step (shared by all its micro-batches; with several processes, "
+        "the whole target batch, split between the ranks).")})
+
+    def __post_init__(self):
+        self.check_training_options()
+
+    def check_training_options(self) -> None:
+        """The engine's checks, then the trainer's."""
+        self.check_options()
+        value = self.target_batch_size
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise OptionError("target_batch_size", f"target_batch_size must be a positive integer, got {value!r}")
+
+    def trainer_values(self) -> dict:
+        """What a trainer takes from a recipe's ``drpost:`` section (every field but the trainer's own)."""
+        values = values_of(self, DrPostTrainingOptions)
+        for name in self.TRAINER_OWNED:
+            values.pop(name)
+        return values
+
+
+def _help(text: str, choices=None) -> dict:
+    return {"help": text, **({"choices": list(choices)} if choices is not None else {})}
+
+
+@dataclass
+class PolicyGradientOptions:
+    """The knobs of the policy-gradient loop (see the field help texts); checked in ``__post_init__``."""
+
+    algorithm: Optional[str] = field(default="grpo", metadata=_help(
+        "grpo (group-normalised rewards, KL loss term) | rloo (leave-one-out baseline, KL-shaped reward).",
+        ALGORITHMS))
+    iif: bool = field(default=False, metadata=_help(
+        "The IIF baseline: score the whole rollout once (global filter), drop the negatives, train plainly."))
+    target_loss: str = field(default="reward", metadata=_help(
+        "reward (z-scored reward x log-prob) | train-loss (the RL objective itself).", TARGET_LOSSES))
+    target_source: str = field(default="pool", metadata=_help(
+        "pool (rollouts on target prompts) | self (the step's own rollout).", TARGET_SOURCES))
+    target_batch: int = field(default=4, metadata=_help(
+        "Target prompts rolled out per refresh of the target gradient (every refresh_every steps)."))
+    prompts_per_step: int = field(default=4, metadata=_help("Training prompts rolled out per step."))
+    group_size: int = field(default=4, metadata=_help("Completions per prompt."))
+    micro_batch: int = field(default=8, metadata=_help(
+        "Rows per forward/backward (drpost selects per micro-batch)."))
+    mini_batches: int = field(default=1, metadata=_help("Optimiser steps per pass over a rollout."))
+    epochs: int = field(default=1, metadata=_help("Passes over each rollout."))
+    max_new_tokens: int = field(default=4, metadata=_help("Tokens sampled per completion."))
+    temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the rollouts."))
+    beta: float = field(default=0.04, metadata=_help(
+        "KL coefficient (GRPO: k3 loss term; RLOO: KL-shaped reward)."))
+    clip_eps: float = field(default=0.2, metadata=_help("PPO-style ratio clipping of the policy-gradient loss."))
+    system_prompt: Optional[str] = field(default="", metadata=_help(
+        "System turn of the prompts ('': an empty one; None: the chat template's default)."))
+
+    def __post_init__(self):
+        self.check_policy_gradient_options()
+
+    @property
+    def policy_algorithm(self) -> Optional[str]:
+        """The algorithm that runs (a subclass may derive it when ``algorithm`` is None)."""
+        return self.algorithm
+
+    def check_policy_gradient_options(self) -> None:
+        algo = self.policy_algorithm
+        for name, value, choices in (("algorithm", algo, ALGORITHMS), ("target_loss", self.target_loss, TARGET_LOSSES),
+                                     ("target_source", self.target_source, TARGET_SOURCES)):
+            if value not in choices:
+                raise OptionError(name, f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        for name in ("target_batch", "prompts_per_step", "group_size", "micro_batch", "mini_batches", "epochs",
+                     "max_new_tokens"):
+            check_int(self, name)
+        if not self.temperature > 0:
+            raise OptionError("temperature", f"temperature must be > 0, got {self.temperature!r}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise OptionError("beta", f"beta must be a finite number >= 0, got {self.beta!r}")
+        if not self.clip_eps > 0:
+            raise OptionError("clip_eps", f"clip_eps must be > 0, got {self.clip_eps!r}")
+        if self.mini_batches > self.prompts_per_step * self.group_size:
+            raise OptionError("mini_batches", "mini_batches must be <= the rollout size (prompts_per_step * "
+                                              f"group_size = {self.prompts_per_step * self.group_size}), got "
+                                              f"{self.mini_batches!r}")
+        if algo == "rloo" and self.group_size < 2:
+            raise OptionError("group_size", "group_size must be >= 2 for RLOO (leave-one-out baseline), got "
+                                            f"{self.group_size!r}")
+
+
+def policy_gradient_option(name: str, default: Any) -> Any:
+    """A field for a subclass giving policy-gradient knob ``name`` another default (help text kept)."""
+    base = {f.name: f for f in dataclasses.fields(PolicyGradientOptions)}[name]
+    return field(default=default, metadata=dict(base.metadata))

@@ -138,5 +138,4 @@ class PolicyGradientOptions:
 
 def policy_gradient_option(name: str, default: Any) -> Any:
     """A field for a subclass giving policy-gradient knob ``name`` another default (help text kept)."""
-    base = {f.name: f for f in dataclasses.fields(PolicyGradientOptions)}[name]
-    return field(default=default, metadata=dict(base.metadata))
+    return option(name, default, PolicyGradientOptions)

@@ -6,7 +6,8 @@ is what the ranks of a distributed run compare. Everything that configures the e
 this class instead of repeating it:
 
 * ``DataRegularizer(model, options=None, **overrides)``;
-* ``DrPostArguments(TrainingArguments, DrPostOptions)`` (the HF argument parser sees the fields);
+* ``DrPostArguments(TrainingArguments, DrPostTrainingOptions)`` (the HF argument parser sees the
+  fields; :mod:`drpost.training_options` adds the trainers' ``target_batch_size``);
 * the recipes' YAML ``drpost:`` section, the RL trainer's config, the demo and ``drpost bench``,
   whose command-line flags are generated from these fields (:func:`add_arguments`).
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,10 +151,11 @@ def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(DrPostOptions)]
 
 
-def option(name: str, default: Any) -> Any:
-    """A dataclass field for a subclass that gives engine option ``name`` another default; type, help
-    text and choices stay those of :class:`DrPostOptions` (and its checks still apply)."""
-    base = {f.name: f for f in dataclasses.fields(DrPostOptions)}[name]
+def option(name: str, default: Any, cls: type | None = None) -> Any:
+    """A dataclass field for a subclass that gives knob ``name`` of ``cls`` (default
+    :class:`DrPostOptions`) another default; type, help text and choices stay the original's (and
+    so do its checks)."""
+    base = {f.name: f for f in dataclasses.fields(cls or DrPostOptions)}[name]
     return field(default=default, metadata=dict(base.metadata))
 
 
@@ -170,7 +173,7 @@ def overrides_of(options: DrPostOptions | None, **overrides) -> DrPostOptions:
 
 # ------------------------------------------------------------------ command-line flags
 def _flag_type(tp):
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
         base = _flag_type(inner)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -276,36 +277,53 @@ def naive_filter(scores: torch.Tensor, frac: float) -> torch.Tensor:
         return torch.stack([naive_filter(scores[:, r], frac) for r in range(scores.shape[1])], 1)
     vals = scores.tolist()
     neg = sorted([i for i, v in enumerate(vals) if v < 0], key=lambda i: (vals[i], i))
-    n_drop = math.floor(len(neg) * frac)
+    n_drop = math.floor(len(neg) * written_fraction(frac))
     mask = torch.ones(len(vals), dtype=torch.bool)
     mask[neg[:n_drop]] = False
     return mask
 
 
-def naive_greedy(scores: torch.Tensor, gram: torch.Tensor, k: int, lr: float) -> torch.Tensor:
-    u = [float(v) for v in scores]
-    chosen = []
+def greedy_gain(scores, gram, tokens, chosen, lr: float) -> float:
+    """gain(S) / eta = sum_S s_i / T_S - eta/2 sum_{i,j in S} K_ij / T_S^2 (0 when T_S = 0), in
+    Python floats: the objective greedy_mask states for per-sample token counts."""
+    t = sum(float(tokens[i]) for i in chosen)
+    if t <= 0:
+        return 0.0
+    first = sum(float(scores[i]) for i in chosen) / t
+    return first - 0.5 * lr * sum(float(gram[i, j]) for i in chosen for j in chosen) / t ** 2
+
+
+def _greedy_steps(scores, gram, k, lr, tokens):
+    """[(candidate values, pick)] of each greedy step (the reference rule when tokens is None)."""
+    u, chosen, steps = [float(v) for v in scores], [], []
     for _ in range(k):
-        best = max((i for i in range(len(u)) if i not in chosen), key=lambda i: (u[i], -i))
+        if tokens is not None:
+            u = [greedy_gain(scores, gram, tokens, chosen + [i], lr) for i in range(len(u))]
+        free = [i for i in range(len(u)) if i not in chosen]
+        best = max(free, key=lambda i: (u[i], -i))
+        steps.append(([u[i] for i in free], best))
         chosen.append(best)
-        u = [u[i] - lr * float(gram[best, i]) for i in range(len(u))]
-    mask = torch.zeros(len(u), dtype=torch.bool)
+        if tokens is None:
+            u = [u[i] - lr * float(gram[best, i]) for i in range(len(u))]
+    return chosen, steps
+
+
+def naive_greedy(scores: torch.Tensor, gram: torch.Tensor, k: int, lr: float, tokens=None) -> torch.Tensor:
+    chosen, _ = _greedy_steps(scores, gram, k, lr, tokens)
+    mask = torch.zeros(len(scores), dtype=torch.bool)
     mask[chosen] = True
     return mask
 
 
-def greedy_margins(scores: torch.Tensor, gram: torch.Tensor, k: int, lr: float) -> float:
+def greedy_margins(scores: torch.Tensor, gram: torch.Tensor, k: int, lr: float, tokens=None) -> float:
     """Smallest relative gap between the best and second-best candidate over the k greedy steps."""
-    u = [float(v) for v in scores]
-    chosen, worst = [], math.inf
-    scale = max(abs(v) for v in u) or 1.0
-    for _ in range(k):
-        cand = sorted((u[i] for i in range(len(u)) if i not in chosen), reverse=True)
+    _, steps = _greedy_steps(scores, gram, k, lr, tokens)
+    worst = math.inf
+    scale = max(abs(v) for v in steps[0][0]) or 1.0
+    for cand, _ in steps:
+        cand = sorted(cand, reverse=True)
         if len(cand) > 1:
             worst = min(worst, (cand[0] - cand[1]) / scale)
-        best = max((i for i in range(len(u)) if i not in chosen), key=lambda i: (u[i], -i))
-        chosen.append(best)
-        u = [u[i] - lr * float(gram[best, i]) for i in range(len(u))]
     return worst
 
 
@@ -325,14 +343,24 @@ def filter_gap(scores: torch.Tensor, frac: float) -> float:
     nonzero = s[s != 0]   # exact zeros are structural (e.g. no shared token) and are kept (s >= 0)
     gaps = [float(nonzero.abs().min()) / scale if nonzero.numel() else math.inf]   # sign decisions
     neg = torch.sort(s[s < 0]).values
-    n_drop = math.floor(neg.numel() * frac)
+    n_drop = math.floor(neg.numel() * written_fraction(frac))
     if 0 < n_drop < neg.numel():
         gaps.append(float(neg[n_drop] - neg[n_drop - 1]) / scale)
     return min(gaps)
 
 
+def written_fraction(frac: float) -> Fraction:
+    """The fraction a user meant by float frac: the smallest denominator q <= 10**6 with a
+    numerator p such that p / q rounds to frac (29/100 for 0.29, 1/3 for 1/3), else the decimal repr."""
+    for q in range(1, 10 ** 6 + 1):
+        p = round(frac * q)
+        if p / q == frac:
+            return Fraction(p, q)
+    return Fraction(repr(frac))
+
+
 def num_selected(b: int, frac: float) -> int:
-    return max(1, math.floor(b * frac))
+    return max(1, min(b, math.floor(b * written_fraction(frac))))
 
 
 # ------------------------------------------------------------------------------------------

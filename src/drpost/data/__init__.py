@@ -4,9 +4,11 @@
 - :mod:`drpost.data.chatterbot`: English question/answer pairs from ``chatterbot-corpus``.
 - :mod:`drpost.data.chat`: "messages" validation, chat-template tokenisation with
   assistant-only labels, and right-padding collation.
+- :mod:`drpost.data.examples`: the chat example dict and the prompt instructions.
 - :mod:`drpost.data.tasks`: the registry of instruction tasks built from those corpora
   (``bbc_headline``, ``bbc_category``, ``bbc_continuation``, ``bbc_lead``, ``chatterbot_qa``),
-  each with its natural metrics, seeded train/test splits by source; and the demo's splits.
+  each with its natural metrics, seeded train/test splits by source.
+- :mod:`drpost.data.demo_splits`: the demo's target / test / general splits.
 - :mod:`drpost.data.sources`: local JSONL / JSON / Parquet files and ``save_to_disk``
   directories (``messages`` or ``prompt``/``completion`` rows), with row-level error messages.
 - :mod:`drpost.data.splits`: a recipe's tokenised target / test / general ``datasets.Dataset``s.
@@ -24,12 +26,11 @@ from drpost.data.chat import (
 from drpost.data.chatterbot import QAPair, load_chatterbot
 from drpost.data.sources import BadRowError, load_source
 from drpost.data.splits import SFTData, build_sft_data
+from drpost.data.demo_splits import DemoSplits, headline_splits
 from drpost.data.tasks import (
     TASKS,
-    DemoSplits,
     Task,
     get_task,
-    headline_splits,
     register_task,
     task_examples,
     task_names,

@@ -19,24 +19,15 @@ same order as its single-tensor kernel). The compressed gradient is always taken
 sees the gradient of all its uses. Parameters that are not compressed (biases, norms, 1-D tensors,
 anything the selection excludes) get ordinary AdamW with the same algebra.
 
-Moment transport. Every ``refresh_every`` steps a compressed parameter draws new sketches P1', P2'
-(seed derived from the base seed, the parameter's compressed index and its refresh count; see
-``sketch_seed``) and its moments are carried over. With A = P1'^T P1 and B = P2'^T P2 the map from
-old to new compressed gradients, C_new = A C_old B^T (decompress with the old sketch, recompress with
-the new one), is M = A (x) B acting on the row-major vec(C). The first moment is transported
-exactly, m' = A m B^T. For the second moment we keep the diagonal of the transported covariance
-under the usual Adam independence assumption, v' = diag(M diag(v) M^T), which for a Kronecker M has
-the closed form (A o A) v (B o B)^T (o: elementwise square). It is exact for that diagonal and costs
-two small matrix products, so no Hutchinson estimate is needed; v' is clamped at 0 against rounding.
-``transport_rescale=True`` additionally rescales m' to the Frobenius norm of m and v' to the mean of
-v (i.e. keeps RMS(sqrt v)), as the reference implementation optionally did.
+Moment transport (``refresh_every``): see :mod:`drpost.optim.transport`; the sketch space itself
+(seeds, drawing, compress/decompress): :mod:`drpost.optim.sketches`; the state's memory:
+:mod:`drpost.optim.memory`.
 
 Precision. Moments (and the sketches they are used with) are kept in float32, or float64 for float64
 parameters: never in bfloat16/float16, even for half-precision parameters.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -45,119 +36,12 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-Sketch = torch.Tensor | None                        # a side's sketch matrix; None is the identity
-SketchPair = tuple[Sketch, Sketch]                  # (P1 [O, k1], P2 [I, k2])
-CompressSpec = Callable[[torch.Tensor], bool] | Iterable[torch.Tensor] | None
+from .memory import MemoryReport
+from .sketches import (CompressSpec, Sketch, SketchPair, compress, decompress, draw_sketches,
+                       sketch_seed)
+from .transport import transport_map, transport_moments
 
-# The CPU torch.Generator (mt19937) uses only the low 32 bits of its seed, so sketch seeds are
-# 32-bit and injective in (compressed index, refresh count) for a fixed base seed: the index takes
-# the high _INDEX_BITS bits of the key, the refresh count the low _REFRESH_BITS bits.
-_INDEX_BITS = 14
-_REFRESH_BITS = 18
-_MASK32 = 0xFFFFFFFF
 _STATE_VERSION = 1
-
-
-def _mix32(x: int) -> int:
-    """A bijection of 32-bit integers (xorshift-multiply finaliser, both multipliers odd)."""
-    x &= _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    x ^= x >> 16
-    return x
-
-
-def sketch_seed(base_seed: int, index: int, refresh: int) -> int:
-    """The 32-bit generator seed of the sketches of compressed parameter ``index`` after ``refresh``
-    refreshes. For a fixed base seed the map is injective (no two parameters or refreshes share a
-    seed): the key ``index << 18 | refresh`` goes through a bijection. Limits: index < 2**14,
-    refresh < 2**18 (a ValueError beyond them)."""
-    if not 0 <= index < 1 << _INDEX_BITS:
-        raise ValueError(f"MeSO supports at most {1 << _INDEX_BITS} compressed parameters "
-                         f"(sketch index {index})")
-    if not 0 <= refresh < 1 << _REFRESH_BITS:
-        raise ValueError(f"MeSO supports at most {(1 << _REFRESH_BITS) - 1} sketch refreshes per "
-                         f"parameter (refresh {refresh}); use a larger refresh_every")
-    base = int(base_seed)
-    folded = _mix32((base & _MASK32) ^ _mix32(((base >> 32) & _MASK32) ^ 0x9E3779B9))
-    return _mix32(((index << _REFRESH_BITS) | refresh) ^ folded)
-
-
-def draw_sketches(out_dim: int, in_dim: int, k1: int, k2: int, seed: int) -> SketchPair:
-    """Gaussian sketches (P1 [out_dim, k1], P2 [in_dim, k2]) with N(0, 1/k) entries, drawn in float32
-    on the CPU from one generator seeded with ``seed`` (P1 first). A side with k >= its width is the
-    identity (None)."""
-    gen = torch.Generator().manual_seed(int(seed))
-    p1 = None if k1 >= out_dim else torch.randn(out_dim, k1, generator=gen) / math.sqrt(k1)
-    p2 = None if k2 >= in_dim else torch.randn(in_dim, k2, generator=gen) / math.sqrt(k2)
-    return p1, p2
-
-
-def compress(grad: torch.Tensor, p1: Sketch, p2: Sketch) -> torch.Tensor:
-    """The compressed gradient P1^T G P2 (identity sides skipped), cheaper association first."""
-    if p1 is None and p2 is None:
-        return grad
-    if p1 is None:
-        return grad @ p2
-    if p2 is None:
-        return p1.T @ grad
-    o, i = grad.shape
-    k1, k2 = p1.shape[1], p2.shape[1]
-    if k1 * i * (o + k2) <= k2 * o * (i + k1):
-        return (p1.T @ grad) @ p2
-    return p1.T @ (grad @ p2)
-
-
-def decompress(u: torch.Tensor, p1: Sketch, p2: Sketch) -> torch.Tensor:
-    """The parameter-space direction P1 u P2^T (identity sides skipped), cheaper association first."""
-    if p1 is None and p2 is None:
-        return u
-    if p1 is None:
-        return u @ p2.T
-    if p2 is None:
-        return p1 @ u
-    o, i = p1.shape[0], p2.shape[0]
-    k1, k2 = u.shape
-    if o * k2 * (k1 + i) <= k1 * i * (k2 + o):
-        return (p1 @ u) @ p2.T
-    return p1 @ (u @ p2.T)
-
-
-def transport_map(p_old: Sketch, p_new: Sketch) -> Sketch:
-    """One side of the moment transport, P_new^T P_old (None when both sides are the identity)."""
-    if p_old is None and p_new is None:
-        return None
-    if p_new is None:
-        return p_old
-    if p_old is None:
-        return p_new.T
-    return p_new.T @ p_old
-
-
-def transport_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, a: Sketch, b: Sketch,
-                      rescale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Moments carried through the compressed-gradient map M = A (x) B (None: identity).
-
-    Returns (A m B^T, (A o A) v (B o B)^T clamped at 0), the latter being diag(M diag(v) M^T) exactly.
-    With ``rescale`` the new first moment keeps the Frobenius norm of ``exp_avg`` and the new second
-    moment keeps the mean of ``exp_avg_sq`` (the RMS of sqrt v)."""
-    m, v = exp_avg, exp_avg_sq
-    if a is not None:
-        m = a @ m
-        v = (a * a) @ v
-    if b is not None:
-        m = m @ b.T
-        v = v @ (b * b).T
-    m = m.clone() if m is exp_avg else m
-    v = v.clamp_min(0)
-    if rescale:
-        m_norm = torch.linalg.vector_norm(m)
-        m = m * torch.where(m_norm > 0, torch.linalg.vector_norm(exp_avg) / m_norm, m_norm.new_ones(()))
-        v_mean = v.mean()
-        v = v * torch.where(v_mean > 0, exp_avg_sq.mean() / v_mean, v_mean.new_ones(()))
-    return m, v
 
 
 def _state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -180,45 +64,6 @@ class _LayerSketch:
     p2: Sketch
     index: int           # compressed-parameter ordinal, part of the seed
     external: bool       # given from outside (stored in the state dict) rather than drawn from a seed
-
-
-@dataclass(frozen=True)
-class MemoryReport:
-    """Optimizer-state bytes of MeSO against torch.optim.AdamW with float32 moments.
-
-    ``moment_bytes`` counts exp_avg + exp_avg_sq of every parameter (sketch-space for the compressed
-    ones), ``adamw_moment_bytes`` is 2 * numel * 4 for the same parameters, ``sketch_bytes`` the
-    sketch matrices (identity sides cost nothing; a matrix shared by several parameters counts once).
-    Step counters are ignored. The ``adamw_compressed_bytes`` field is the AdamW figure restricted
-    to the compressed parameters, for the per-layer saving."""
-    compressed_moment_bytes: int
-    dense_moment_bytes: int
-    sketch_bytes: int
-    adamw_moment_bytes: int
-    adamw_compressed_bytes: int
-    num_compressed: int
-    num_dense: int
-
-    @property
-    def moment_bytes(self) -> int:
-        return self.compressed_moment_bytes + self.dense_moment_bytes
-
-    @property
-    def total_bytes(self) -> int:
-        return self.moment_bytes + self.sketch_bytes
-
-    @property
-    def ratio(self) -> float:
-        """MeSO total (moments + sketches) over AdamW moments."""
-        return self.total_bytes / self.adamw_moment_bytes if self.adamw_moment_bytes else float("nan")
-
-    def to_dict(self) -> dict:
-        return {"compressed_moment_bytes": self.compressed_moment_bytes,
-                "dense_moment_bytes": self.dense_moment_bytes, "moment_bytes": self.moment_bytes,
-                "sketch_bytes": self.sketch_bytes, "total_bytes": self.total_bytes,
-                "adamw_moment_bytes": self.adamw_moment_bytes,
-                "adamw_compressed_bytes": self.adamw_compressed_bytes,
-                "num_compressed": self.num_compressed, "num_dense": self.num_dense, "ratio": self.ratio}
 
 
 class MeSO(Optimizer):

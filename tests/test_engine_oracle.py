@@ -56,23 +56,26 @@ def _pick_greedy_lr(orc: O.Oracle, scope: str) -> float:
     """A greedy_lr large enough that the Gram penalty changes the choice (for at least one layer,
     or globally), with every greedy decision well separated."""
     k = O.num_selected(orc.B, FRAC)
+    t, mean_t = orc.T, float(orc.T.mean())
+    # eta at which the second-order term eta/2 K_ii / T_i^2 is as large as the first-order s_i / T_i
     if scope == "layer":
-        ratio = sorted(float(orc.scores[n].std() / orc.gram[n].diagonal().mean()) for n in orc.names)
+        ratio = sorted(float(orc.scores[n].std() * mean_t / orc.gram[n].diagonal().mean()) for n in orc.names)
         base = ratio[len(ratio) // 2]
         pairs = [(orc.scores[n], orc.gram[n]) for n in orc.names]
     else:
-        base = float(orc.global_scores().std() / orc.global_gram().diagonal().mean())
+        base = float(orc.global_scores().std() * mean_t / orc.global_gram().diagonal().mean())
         pairs = [(orc.global_scores(), orc.global_gram())]
+    first_order = [O.naive_greedy(s, g, k, 0.0, t) for s, g in pairs]
     for mult in [10 ** (j / 8) for j in range(-8, 25)]:   # 0.1 ... 1000
         lr = base * mult
-        margins = min(O.greedy_margins(s, g, k, lr) for s, g in pairs)
-        differs = any(not torch.equal(O.naive_greedy(s, g, k, lr), O.naive_topk(s, k)) for s, g in pairs)
+        margins = min(O.greedy_margins(s, g, k, lr, t) for s, g in pairs)
+        differs = any(not torch.equal(O.naive_greedy(s, g, k, lr, t), m) for (s, g), m in zip(pairs, first_order))
         if margins > 1e-6 and differs:
             return lr
-    # some batches make greedy == top-k for every lr (e.g. one dominant layer in the global Gram);
-    # then take any well-conditioned lr (test_greedy_lr_bites checks that most cases do differ)
+    # some batches make greedy == its first-order choice for every lr (e.g. one dominant layer in the
+    # global Gram); then take any well-conditioned lr (test_greedy_lr_bites checks that most cases differ)
     for mult in [10 ** (j / 8) for j in range(-8, 25)]:
-        if min(O.greedy_margins(s, g, k, base * mult) for s, g in pairs) > 1e-6:
+        if min(O.greedy_margins(s, g, k, base * mult, t) for s, g in pairs) > 1e-6:
             return base * mult
     raise AssertionError("no greedy_lr gives a well-conditioned greedy test")
 
@@ -148,12 +151,12 @@ def expected_masks(case: Case, reg, feasible: str, scope: str, score_norm: str =
             out = {}
             for n in orc.names:
                 s = orc.normalised(n, score_norm)
-                _precondition(O.greedy_margins(s, orc.gram[n], k, lr), f"greedy {n}")
-                out[n] = O.naive_greedy(s, orc.gram[n], k, lr)
+                _precondition(O.greedy_margins(s, orc.gram[n], k, lr, orc.T), f"greedy {n}")
+                out[n] = O.naive_greedy(s, orc.gram[n], k, lr, orc.T)
             return out
         s = orc.global_scores(score_norm)
-        _precondition(O.greedy_margins(s, orc.global_gram(), k, lr), "greedy global")
-        m = O.naive_greedy(s, orc.global_gram(), k, lr)
+        _precondition(O.greedy_margins(s, orc.global_gram(), k, lr, orc.T), "greedy global")
+        m = O.naive_greedy(s, orc.global_gram(), k, lr, orc.T)
         return {n: m for n in orc.names}
     if feasible == "random":
         out = {}
@@ -262,18 +265,19 @@ def test_result_dicts_are_keyed_by_layer(feasible, scope):
 
 def test_greedy_lr_bites():
     """Guard for the greedy tests: for most models the chosen greedy_lr makes greedy differ from
-    top-k (per layer and globally), so a greedy that ignores the Gram matrix fails."""
+    its first-order choice (per layer and globally), so a greedy that ignores the Gram matrix fails."""
     k = O.num_selected(B, FRAC)
     differs = {"layer": 0, "global": 0}
     for name in MATRIX_MODELS:
         case = get_case(name)
-        orc = case.oracle
+        orc, t = case.oracle, case.oracle.T
         lr = case.greedy_lr["layer"]
-        differs["layer"] += any(not torch.equal(O.naive_greedy(orc.scores[n], orc.gram[n], k, lr),
-                                                O.naive_topk(orc.scores[n], k)) for n in orc.names)
+        differs["layer"] += any(not torch.equal(O.naive_greedy(orc.scores[n], orc.gram[n], k, lr, t),
+                                                O.naive_greedy(orc.scores[n], orc.gram[n], k, 0.0, t))
+                                for n in orc.names)
         lr = case.greedy_lr["global"]
-        differs["global"] += not torch.equal(O.naive_greedy(orc.global_scores(), orc.global_gram(), k, lr),
-                                             O.naive_topk(orc.global_scores(), k))
+        s, g = orc.global_scores(), orc.global_gram()
+        differs["global"] += not torch.equal(O.naive_greedy(s, g, k, lr, t), O.naive_greedy(s, g, k, 0.0, t))
     assert differs["layer"] >= len(MATRIX_MODELS) - 1 and differs["global"] >= len(MATRIX_MODELS) // 2, differs
 
 

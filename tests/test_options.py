@@ -34,6 +34,12 @@ def test_bad_values_name_the_option(name, value):
     assert isinstance(info.value, ValueError)
 
 
+def test_greedy_needs_raw_scores():
+    with pytest.raises(OptionError, match="score_norm must be 'none'") as info:
+        DrPostOptions(feasible_set="greedy", score_norm="cosine")
+    assert info.value.option == "score_norm"
+
+
 def test_overrides_replace_and_recheck():
     base = DrPostOptions(feasible_set="global", frac=0.25)
     assert op.overrides_of(base, frac=0.75).frac == 0.75

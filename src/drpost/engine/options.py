@@ -80,7 +80,8 @@ class DrPostOptions:
     seed: int = field(default=0, metadata=_help(
         "Seed of the 'random' feasible set and of the sketches."))
     greedy_lr: float = field(default=1e-4, metadata=_help(
-        "Step size eta weighing the second-order term of feasible_set='greedy'."))
+        "feasible_set='greedy': the step size eta of one SGD step along the token-mean update of the chosen "
+        "samples, whose second-order Taylor gain greedy maximises (drpost.feasible.greedy_mask)."))
     nonfinite: str = field(default="error", metadata=_help(
         "On a NaN/inf loss, score, target gradient or assembled gradient: raise an 'error' naming it, or "
         "'skip' the optimisation step (every .grad set to None).", NONFINITE))
@@ -115,6 +116,9 @@ class DrPostOptions:
                     or not value > 0:
                 raise OptionError(name, f"{name} must be a positive number, got {value!r}")
             setattr(self, name, float(value))
+        if self.feasible_set == "greedy" and self.score_norm != "none":
+            raise OptionError("score_norm", f"feasible_set='greedy' maximises the Taylor gain of the update from the "
+                                            f"raw scores, so score_norm must be 'none', got {self.score_norm!r}")
         try:
             parse_sketch(self.sketch)
         except ValueError as err:

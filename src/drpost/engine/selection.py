@@ -31,7 +31,7 @@ def _filter(scores, gram, k, options, generator, tokens):
 
 
 def _greedy(scores, gram, k, options, generator, tokens):
-    return fs.greedy_mask(scores, gram, k, options.greedy_lr)
+    return fs.greedy_mask(scores, gram, k, options.greedy_lr, tokens=tokens)
 
 
 def _random(scores, gram, k, options, generator, tokens):

@@ -11,7 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from drpost import cli  # noqa: E402
-from drpost.demo import METHODS, DemoConfig, _verdict, check_config  # noqa: E402
+from drpost.recipes.demo import METHODS, DemoConfig, check_config  # noqa: E402
+from drpost.recipes.demo_report import verdict as _verdict  # noqa: E402
 
 
 def _finite_numbers(obj, path="metrics"):
@@ -152,7 +153,7 @@ def test_demo_under_torchrun_matches_one_process(tmp_path):
 
 def test_demo_nproc_must_divide_the_batch(tmp_path, capsys):
     with pytest.raises(ValueError, match="split evenly"):
-        from drpost.demo import DemoConfig, check_config
+        from drpost.recipes.demo import DemoConfig, check_config
 
         check_config(DemoConfig(), world=3)
     assert cli.main(["demo", "--nproc", "0", "--out", str(tmp_path)]) == 2

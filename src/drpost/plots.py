@@ -1,6 +1,6 @@
 """Plots of a ``drpost demo`` run (matplotlib, Agg backend: no display needed).
 
-:func:`plot_demo` reads the ``metrics`` dict that :func:`drpost.demo.run_demo` writes to
+:func:`plot_demo` reads the ``metrics`` dict that :func:`drpost.recipes.demo.run_demo` writes to
 ``metrics.json`` and saves, in the run directory:
 
 - ``ppl.png``: held-out test perplexity vs step, one line per method (target-only's
@@ -34,7 +34,10 @@ METHOD_COLORS = {
     "filter": "#8c564b",
     "greedy": "#e377c2",
 }
-_KIND_COLORS = {"headline": "#d62728", "classification": "#1f77b4", "chat": "#2ca02c", "continuation": "#9467bd"}
+_KIND_COLORS = {"headline": "#d62728", "classification": "#1f77b4", "chat": "#2ca02c", "continuation": "#9467bd",
+                "bbc_headline": "#d62728", "bbc_category": "#1f77b4", "chatterbot_qa": "#2ca02c",
+                "bbc_continuation": "#9467bd"}
+_TARGET_LIKE = ("headline", "bbc_headline")
 
 
 def _pyplot():
@@ -182,7 +185,7 @@ def _panel_mask(ax, metrics: dict) -> None:
     ax.set_xticklabels([f"{k} {s:.2f}" for k, s in zip(kinds, kept)], rotation=60, ha="right", fontsize=7)
     for tick, kind in zip(ax.get_xticklabels(), kinds):
         tick.set_color(_KIND_COLORS.get(kind, "black"))
-        if kind == "headline":
+        if kind in _TARGET_LIKE:
             tick.set_fontweight("bold")
     modules = ex["modules"]
     yt = list(range(0, len(modules), max(1, len(modules) // 12)))

@@ -69,7 +69,6 @@ from drpost.distributed import LaunchRanks
 from drpost.engine.options import add_arguments, from_arguments, option
 from drpost.recipes.common import DTYPES, timestamped_dir, write_json
 from drpost.recipes.demo_report import format_table, notes
-from drpost.recipes.selection_record import SelectionRecorder
 
 __all__ = ["DemoConfig", "run_demo", "demo_recipe", "demo_runs", "add_demo_arguments", "config_from_args",
            "check_config", "METHODS", "KNOWN_METHODS"]
@@ -202,10 +201,10 @@ def _base_eval(base_cfg: Config, cfg: DemoConfig, ranks: LaunchRanks):
     return model.config.num_hidden_layers, data, ranks.broadcast(base)
 
 
-def _result(method: str, run: dict, rec: SelectionRecorder, base: dict, run_dir: Path) -> dict:
+def _result(method: str, run: dict, rec, base: dict) -> dict:
     """One method's row of the demo: its run's metrics merged with the selection record."""
     train = {h["step"]: h for h in run["history"]["train"]}
-    history = [{**{k: v for k, v in train.get(r["step"], {}).items()}, **r} for r in rec.records]
+    history = [{**train.get(r["step"], {}), **r} for r in rec.records]
     curve = [{"step": 0, "test_ppl": base["test_ppl"]}] + [{"step": e["step"], "test_ppl": e["ppl"]}
                                                            for e in run["history"]["eval"]]
     best = min(curve, key=lambda c: c["test_ppl"])
@@ -229,6 +228,7 @@ def _result(method: str, run: dict, rec: SelectionRecorder, base: dict, run_dir:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; print the comparison table; write and return the metrics."""
+    from drpost.recipes.selection_record import SelectionRecorder
     from drpost.recipes.sft import run_sft
 
     ranks = LaunchRanks()
@@ -257,7 +257,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         rec = SelectionRecorder(method, ranks)
         run = run_sft(run_cfg, data=data, on_trainer=rec.attach)
         if ranks.main:
-            results[method] = _result(method, run, rec, base, run_dir)
+            results[method] = _result(method, run, rec, base)
     if not ranks.main:  # rank 0 evaluates and writes; the others' work ends with the last step
         return {"rank": ranks.rank, "run_dir": str(run_dir)}
     return _report(cfg, config, data, base, results, n_layers, run_dir, ranks, t_start)

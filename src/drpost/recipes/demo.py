@@ -76,7 +76,7 @@ __all__ = ["DemoConfig", "run_demo", "demo_recipe", "demo_runs", "add_demo_argum
 METHODS = ("standard", "global", "layerwise", "random", "target_only")
 KNOWN_METHODS = ("standard", "global", "layerwise", "random", "target_only", "rowwise", "filter", "greedy")
 _PLAIN = ("standard", "target_only")
-ENGINE_FLAGS = ("frac", "score_norm", "scoring", "seed")  # generated from DrPostOptions
+ENGINE_FLAGS = ("frac", "score_norm", "scoring")  # generated from DrPostOptions
 _TARGET = {"task": "bbc_headline", "sections": ["tech"]}
 _OFF_TASK = ("bbc_category", "chatterbot_qa", "bbc_continuation")  # equal shares of the non-headline rows
 
@@ -87,14 +87,16 @@ def _h(text: str) -> dict:
 
 @dataclass
 class DemoConfig:
-    """The demo's settings; the engine knobs (``frac``, ``scoring``, ``score_norm``, ``seed``) are
-    :class:`~drpost.engine.options.DrPostOptions` fields re-declared with the demo's defaults."""
+    """The demo's settings; the engine knobs (``frac``, ``scoring``, ``score_norm``) are
+    :class:`~drpost.engine.options.DrPostOptions` fields re-declared with the demo's defaults; ``seed``
+    is the demo's own (it seeds the data and training too, and is passed to the engine)."""
 
     steps: int = field(default=40, metadata=_h("training steps per method"))
     num_layers: Optional[int] = field(default=None, metadata=_h(
-        "keep only the first N decoder layers of the model (default: all)"))
+        "keep only the first N decoder layers of the model (None: all)"))
     methods: tuple = METHODS
-    seed: int = option("seed", 0)  # also the data split, data order and train seed
+    seed: int = field(default=0, metadata=_h(
+        "seed of the data split and order, of training and of the engine (the 'random' feasible set)"))
     out: str = field(default="runs", metadata=_h("parent directory of the run directory"))
     model: str = field(default="smollm2", metadata=_h("'smollm2' (embedded) or a local HF model directory"))
     lr: float = field(default=5e-5, metadata=_h("AdamW learning rate"))
@@ -120,7 +122,7 @@ class DemoConfig:
     extra: dict = field(default_factory=dict)
 
 
-_CLI_FIELDS = ("steps", "num_layers", "out", "model", "lr", "n_test", "n_general", "headline_frac", "max_length",
+_CLI_FIELDS = ("steps", "num_layers", "seed", "out", "model", "lr", "n_test", "n_general", "headline_frac", "max_length",
                "eval_every", "max_new_tokens", "rouge", "autocast")
 
 
@@ -205,6 +207,8 @@ def _result(method: str, run: dict, rec, base: dict) -> dict:
     """One method's row of the demo: its run's metrics merged with the selection record."""
     train = {h["step"]: h for h in run["history"]["train"]}
     history = [{**train.get(r["step"], {}), **r} for r in rec.records]
+    for h in history:
+        h["skipped"] = bool(h.get("skipped_steps"))
     curve = [{"step": 0, "test_ppl": base["test_ppl"]}] + [{"step": e["step"], "test_ppl": e["ppl"]}
                                                            for e in run["history"]["eval"]]
     best = min(curve, key=lambda c: c["test_ppl"])

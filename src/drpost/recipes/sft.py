@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -53,8 +52,9 @@ from drpost.evaluation.metrics import generation_scores
 from drpost.integrations import DrPostArguments, DrPostTrainer
 from drpost.models import load_model
 from drpost.plots import plot_curves
-from drpost.recipes.common import (DTYPES, DiskFullError, RunDirError, check_run_dir, clear_disk_errors, jsonable,
-                                   last_checkpoint, make_run_dir, prepare_trainable, quiet_peft)
+from drpost.recipes.common import (DTYPES, DiskFullError, RunDirError, check_run_dir,  # noqa: F401 (re-exported)
+                                   clear_disk_errors, jsonable, last_checkpoint, make_run_dir, prepare_trainable,
+                                   quiet_peft)
 
 __all__ = ["run_sft", "evaluate_run", "evaluate_model", "load_trained", "RunDirError", "DiskFullError", "plot_curves"]
 

@@ -232,12 +232,12 @@ def _result(method: str, run: dict, rec, base: dict) -> dict:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo; print the comparison table; write and return the metrics."""
+    t_start = time.perf_counter()
     from drpost.recipes.selection_record import SelectionRecorder
-    from drpost.recipes.sft import run_sft
+    from drpost.recipes.sft import run_sft  # the Hugging Face trainer: a few seconds to import
 
     ranks = LaunchRanks()
     check_config(cfg, ranks.world)
-    t_start = time.perf_counter()
     run_dir = Path(ranks.broadcast(str(timestamped_dir(cfg.out, "demo")) if ranks.main else None))
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     if ranks.main:

@@ -11,7 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 from drpost import cli  # noqa: E402
-from drpost.demo import METHODS, DemoConfig, _verdict, check_config  # noqa: E402
+from drpost.recipes.demo import METHODS, DemoConfig, check_config  # noqa: E402
+from drpost.recipes.demo_report import verdict as _verdict  # noqa: E402
 
 
 def _finite_numbers(obj, path="metrics"):
@@ -152,8 +153,42 @@ def test_demo_under_torchrun_matches_one_process(tmp_path):
 
 def test_demo_nproc_must_divide_the_batch(tmp_path, capsys):
     with pytest.raises(ValueError, match="split evenly"):
-        from drpost.demo import DemoConfig, check_config
+        from drpost.recipes.demo import DemoConfig, check_config
 
         check_config(DemoConfig(), world=3)
     assert cli.main(["demo", "--nproc", "0", "--out", str(tmp_path)]) == 2
     assert "--nproc must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_runs_are_train_recipes_with_the_demo_settings(tmp_path):
+    """Every method of the demo is a `drpost train` Config: the demo's settings, one run directory each."""
+    from drpost.recipes.demo import demo_runs
+
+    runs = demo_runs(DemoConfig(), tmp_path, world=2)
+    assert [m for m, _ in runs] == list(METHODS)
+    for method, cfg in runs:
+        t, r = cfg.train, cfg.drpost
+        assert (t.lr, t.batch_size, t.steps, t.max_grad_norm, t.lr_scheduler, t.bf16) == (5e-5, 4, 40, 0.0, "constant", True)
+        assert t.lora_r == 0 and t.freeze_embeddings and t.eval_every == 10 and not t.save_final
+        assert cfg.eval.n_test == cfg.data.test_size == 50 and cfg.eval.max_new_tokens == 24 and cfg.eval.first_line
+        assert not cfg.eval.at_start  # step 0 is the base model, evaluated once
+        assert r.feasible_set == method and r.nonfinite == "error"
+        assert r.target_batch_size == (8 if method == "target_only" else 2)
+        assert r.frac == (1.0 if method in ("standard", "target_only") else 0.5)
+        assert cfg.run_dir == tmp_path / method
+        weights = [e["weight"] for e in cfg.data.general]
+        assert weights[0] == pytest.approx(0.1) and sum(weights) == pytest.approx(1.0)
+
+
+def test_recipes_import_only_public_names_of_each_other():
+    import ast
+    from pathlib import Path
+
+    import drpost.recipes as pkg
+
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] in (
+                    "sft", "rl", "spectrum", "demo", "demo_report", "selection_record", "common"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {node.module}"

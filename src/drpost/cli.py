@@ -12,7 +12,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from drpost.demo import config_from_args, run_demo
+    from drpost.recipes.demo import config_from_args, run_demo
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.nproc < 1:
@@ -199,7 +199,7 @@ def _add_recipe_command(sub, name: str, func, epilog: str, help: str, descriptio
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from drpost.demo import add_demo_arguments
+    from drpost.recipes.demo import add_demo_arguments
 
     parser = argparse.ArgumentParser(
         prog="drpost", description="Data-regularized LLM post-training (Dr. Post-Training)."

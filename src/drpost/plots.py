@@ -1,6 +1,6 @@
 """Plots of a ``drpost demo`` run (matplotlib, Agg backend: no display needed).
 
-:func:`plot_demo` reads the ``metrics`` dict that :func:`drpost.demo.run_demo` writes to
+:func:`plot_demo` reads the ``metrics`` dict that :func:`drpost.recipes.demo.run_demo` writes to
 ``metrics.json`` and saves, in the run directory:
 
 - ``ppl.png``: held-out test perplexity vs step, one line per method (target-only's
@@ -22,7 +22,7 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["plot_demo", "plot_spectrum", "plot_spectrum_curves", "METHOD_COLORS"]
+__all__ = ["plot_curves", "plot_demo", "plot_spectrum", "plot_spectrum_curves", "METHOD_COLORS"]
 
 METHOD_COLORS = {
     "standard": "#1f77b4",
@@ -34,7 +34,10 @@ METHOD_COLORS = {
     "filter": "#8c564b",
     "greedy": "#e377c2",
 }
-_KIND_COLORS = {"headline": "#d62728", "classification": "#1f77b4", "chat": "#2ca02c", "continuation": "#9467bd"}
+_KIND_COLORS = {"headline": "#d62728", "classification": "#1f77b4", "chat": "#2ca02c", "continuation": "#9467bd",
+                "bbc_headline": "#d62728", "bbc_category": "#1f77b4", "chatterbot_qa": "#2ca02c",
+                "bbc_continuation": "#9467bd"}
+_TARGET_LIKE = ("headline", "bbc_headline")
 
 
 def _pyplot():
@@ -182,7 +185,7 @@ def _panel_mask(ax, metrics: dict) -> None:
     ax.set_xticklabels([f"{k} {s:.2f}" for k, s in zip(kinds, kept)], rotation=60, ha="right", fontsize=7)
     for tick, kind in zip(ax.get_xticklabels(), kinds):
         tick.set_color(_KIND_COLORS.get(kind, "black"))
-        if kind == "headline":
+        if kind in _TARGET_LIKE:
             tick.set_fontweight("bold")
     modules = ex["modules"]
     yt = list(range(0, len(modules), max(1, len(modules) // 12)))
@@ -331,3 +334,37 @@ def plot_spectrum_curves(runs: list[dict], path: str | Path, title: str = "") ->
         _integer_x(ax)
     ax1.legend(fontsize=8)
     return _save_seed_figure(plt, fig, path, title)
+
+
+def plot_curves(metrics: dict, path: str | Path) -> Path:
+    """Training loss and test perplexity against the step (matplotlib, Agg backend)."""
+    plt = _pyplot()
+
+    train, evals = metrics["history"]["train"], metrics["history"]["eval"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("loss", "general loss"), ("target_loss", "target loss")):
+        pts = [(h["step"], h[key]) for h in train if h.get(key) is not None and math.isfinite(h[key])]
+        if pts:
+            ax1.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("token-mean cross-entropy")
+    ax1.set_title("training loss")
+    ax1.grid(alpha=0.3)
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend()
+    pts = [(e["step"], e["ppl"]) for e in evals if e["ppl"] is not None and math.isfinite(e["ppl"])]
+    if pts:
+        ax2.plot(*zip(*pts), marker="o")
+        if max(p for _, p in pts) / max(min(p for _, p in pts), 1e-9) > 20:
+            ax2.set_yscale("log")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("perplexity")
+    ax2.set_title(f"test perplexity: {metrics['task']['target']}", fontsize=10)
+    ax2.grid(alpha=0.3)
+    cfg = metrics.get("config", {})
+    fig.suptitle(f"{cfg.get('run_name')}: {cfg.get('drpost', {}).get('feasible_set')} "
+                 f"frac={cfg.get('drpost', {}).get('frac')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

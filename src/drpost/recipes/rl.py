@@ -33,7 +33,7 @@ from drpost.rl import tasks as rl_tasks
 from drpost.rl.reward_model import (RewardModelScorer, pair_accuracy, reward_model_from_causal_lm,
                                     train_reward_model)
 
-from .sft import RunDirError, _DTYPES, _check_run_dir, _jsonable, _make_run_dir, _prepare_trainable, _quiet_peft
+from .common import DTYPES, RunDirError, check_run_dir, jsonable, make_run_dir, prepare_trainable, quiet_peft
 
 __all__ = ["run_rl", "evaluate_policy"]
 
@@ -67,10 +67,10 @@ def evaluate_policy(model, tokenizer, rows: list[dict], scorer, max_new_tokens: 
 
 def _train_reward_model(cfg: Config, task, progress: bool) -> tuple:
     rl = cfg.rl
-    lm, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=_DTYPES[cfg.model.dtype],
+    lm, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=DTYPES[cfg.model.dtype],
                          attn_implementation=cfg.model.attn_implementation)
     torch.manual_seed(cfg.train.seed + 17)
-    with _quiet_peft():
+    with quiet_peft():
         rm = reward_model_from_causal_lm(lm, lora_r=rl.rm_lora_r)
     pairs = task.preference_pairs
     n_hold = max(1, len(pairs) // 5)
@@ -120,7 +120,7 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
         raise RunDirError("the RL recipe runs in one process (rollouts, reward model and evaluation are not "
                           "sharded yet): launch `drpost train` without torchrun; docs/rl_at_scale.md has the "
                           "design for several processes")
-    _check_run_dir(cfg, resume=False, overwrite=overwrite)
+    check_run_dir(cfg, resume=False, overwrite=overwrite)
     if t.threads:
         torch.set_num_threads(t.threads)
     set_seed(t.seed)
@@ -133,12 +133,12 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     else:
         reward_fns, scorer, metric = [rl_tasks.exact_match_reward], rl_tasks.exact_match_reward, "accuracy"
     set_seed(t.seed)
-    model, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=_DTYPES[cfg.model.dtype],
+    model, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=DTYPES[cfg.model.dtype],
                             attn_implementation=cfg.model.attn_implementation)
-    model = _prepare_trainable(model, cfg)
+    model = prepare_trainable(model, cfg)
     pg = policy_config(cfg)
     method = "iif" if rl.iif else cfg.drpost.feasible_set
-    run_dir = _make_run_dir(cfg, False, overwrite)
+    run_dir = make_run_dir(cfg, False, overwrite)
     save_config(cfg, run_dir / "config.yaml")
     print(f"drpost rl: {pg.algorithm} on {rl.task} ({task.summary()}), method {method} "
           f"(frac {pg.frac}, scope {pg.scope}), target {rl.target_source}/{rl.target_loss}, {t.steps} steps of "
@@ -191,10 +191,10 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
         "policy_config": trainer.config_dict(),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+    (run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
     with open(run_dir / "train_log.jsonl", "w") as f:
         for h in history:
-            f.write(json.dumps(_jsonable(h)) + "\n")
+            f.write(json.dumps(jsonable(h)) + "\n")
     cols = [k for k in task.test[0] if k != "prompt"]
     (run_dir / "predictions.json").write_text(json.dumps(
         [{"prompt": r["prompt"], "prediction": c, "score": s, **{k: r[k] for k in cols}}

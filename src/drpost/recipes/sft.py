@@ -32,18 +32,13 @@ model; the regularizer's hooks are removed at the end).
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
-import math
-import shutil
 import statistics
-import sys
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainerCallback
@@ -56,27 +51,16 @@ from drpost.evaluation import generate, perplexity
 from drpost.evaluation.metrics import generation_scores
 from drpost.integrations import DrPostArguments, DrPostTrainer
 from drpost.models import load_model
+from drpost.plots import plot_curves
+from drpost.recipes.common import (DTYPES, DiskFullError, RunDirError, check_run_dir,  # noqa: F401 (re-exported)
+                                   clear_disk_errors, jsonable, last_checkpoint, make_run_dir, prepare_trainable,
+                                   quiet_peft)
 
 __all__ = ["run_sft", "evaluate_run", "evaluate_model", "load_trained", "RunDirError", "DiskFullError", "plot_curves"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Sections (and train keys) that must not change when a run is resumed: they decide the data, the
-# model's trainable parameters and the optimizer state a checkpoint holds.
-_RESUME_FIXED = ("model", "data", "drpost")
-_RESUME_FIXED_TRAIN = ("seed", "batch_size", "grad_accum", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
-                       "freeze_embeddings")
-
-
-class RunDirError(RuntimeError):
-    """The run directory is in a state the request does not fit (exists, nothing to resume...)."""
-
-
-class DiskFullError(RuntimeError):
-    """Saving a checkpoint, the final model or the outputs ran out of disk space."""
-
-
 # ===================================================================================== recipe
-def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True, *,
+            data: SFTData | None = None, on_trainer: Callable | None = None) -> dict:
     """Train and evaluate one run; returns the metrics written to ``metrics.json``.
 
     Args:
@@ -86,6 +70,11 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
         overwrite: delete an existing run directory first (otherwise an existing, non-empty run
             directory is an error unless ``resume``).
         progress: progress bars (training, evaluation, generation).
+        data: the splits of ``cfg.data`` built already (:func:`~drpost.data.splits.build_sft_data` with this
+            model's tokenizer), for a caller that trains several runs on the same data; None builds them.
+        on_trainer: called with the trainer before training starts, e.g. to add callbacks
+            (``trainer.add_callback``) or observers (``trainer.step_observers``: callables
+            ``observer(trainer, target_like, kinds)`` run on every rank after every micro-batch).
 
     Under ``torchrun`` every rank trains on its shard of each general batch (``train.batch_size`` rows
     per rank) with one global selection (drpost.distributed); rank 0 alone creates the run directory,
@@ -94,7 +83,7 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
     """
     t_start = time.perf_counter()
     ranks = LaunchRanks()
-    _check_run_dir(cfg, resume, overwrite)  # fail fast, before any loading (every rank, before any writes)
+    check_run_dir(cfg, resume, overwrite)  # fail fast, before any loading (every rank, before any writes)
     ranks.barrier()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -103,13 +92,13 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
     set_seed(cfg.train.seed)
 
     # ---- model and data (before the run directory is touched: a bad path leaves nothing behind)
-    model, tokenizer = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=_DTYPES[cfg.model.dtype],
+    model, tokenizer = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=DTYPES[cfg.model.dtype],
                                   attn_implementation=cfg.model.attn_implementation)
-    data = build_sft_data(cfg, tokenizer)
-    model = _prepare_trainable(model, cfg)
+    data = build_sft_data(cfg, tokenizer) if data is None else data
+    model = prepare_trainable(model, cfg)
     run_dir = cfg.run_dir
     if ranks.main:
-        _make_run_dir(cfg, resume, overwrite)
+        make_run_dir(cfg, resume, overwrite)
         save_config(cfg, run_dir / "config.yaml")
     ranks.barrier()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -126,15 +115,17 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
     # ---- trainer
     test_eval = data.test if info["n_test"] >= len(data.test) else data.test.select(range(info["n_test"]))
     trainer, timer = _build_trainer(cfg, model, tokenizer, data, test_eval, run_dir, resume, progress, ranks)
-    checkpoint = _last_checkpoint(run_dir) if resume else None
+    if on_trainer is not None:
+        on_trainer(trainer)
+    checkpoint = last_checkpoint(run_dir) if resume else None
     try:
-        with _clear_disk_errors(run_dir):
+        with clear_disk_errors(run_dir):
             trainer.train(resume_from_checkpoint=checkpoint)
         history = trainer.state.log_history
         if not any(h.get("step") == trainer.state.global_step and "eval_ppl" in h for h in history):
             trainer.evaluate()  # the final perplexity, at the final step
         if cfg.train.save_final:  # every rank calls it; the trainer writes on the main process only
-            with _clear_disk_errors(run_dir):
+            with clear_disk_errors(run_dir):
                 trainer.save_model(str(run_dir / "final"))
         if not ranks.main:
             return {"rank": ranks.rank, "run_dir": str(run_dir)}
@@ -155,80 +146,6 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
     del trainer, model
     gc.collect()
     return metrics
-
-
-# ===================================================================================== pieces
-def _check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
-    run_dir = cfg.run_dir
-    if resume and overwrite:
-        raise RunDirError("resume and overwrite exclude each other")
-    if resume:
-        if _last_checkpoint(run_dir) is None:
-            raise RunDirError(f"nothing to resume in {run_dir}: it has no complete checkpoint-N folder (set "
-                              "train.save_steps > 0 to write checkpoints)")
-        saved = run_dir / "config.yaml"
-        if saved.is_file():
-            _check_resume_compatible(load_config(saved), cfg, run_dir)
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
-        raise RunDirError(f"run directory {run_dir} already exists and is not empty: pass --resume to continue it, "
-                          "--overwrite to replace it, or choose another --run_name / --output_dir")
-
-
-def _make_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
-    run_dir = cfg.run_dir
-    if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def _check_resume_compatible(saved: Config, cfg: Config, run_dir: Path) -> None:
-    a, b = config_to_dict(saved), config_to_dict(cfg)
-    diffs = []
-    for section in _RESUME_FIXED:
-        diffs += [f"{section}.{k}" for k in b[section] if a[section].get(k) != b[section][k]]
-    diffs += [f"train.{k}" for k in _RESUME_FIXED_TRAIN if a["train"].get(k) != b["train"][k]]
-    if diffs:
-        raise RunDirError(f"cannot resume {run_dir} with different settings: {', '.join(diffs)} changed since the "
-                          "run started (only train.steps, evaluation and saving settings may change on resume)")
-
-
-def _last_checkpoint(run_dir: Path) -> str | None:
-    """The newest complete checkpoint (its manifest verifies); broken newer ones are reported and skipped."""
-    from drpost.checkpoint import last_valid_checkpoint
-
-    found = last_valid_checkpoint(run_dir, report=lambda msg: print(msg, file=sys.stderr, flush=True))
-    return str(found) if found is not None else None
-
-
-def _prepare_trainable(model, cfg: Config):
-    """Freeze the embedding and/or wrap the model with LoRA adapters."""
-    t = cfg.train
-    if t.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)  # a tied lm_head shares this weight
-    if t.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout,
-                          target_modules=list(t.lora_targets), task_type="CAUSAL_LM")
-        try:
-            with _quiet_peft():
-                model = get_peft_model(model, lora)
-        except ValueError as err:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise ValueError(f"train.lora_targets {t.lora_targets} do not match the model's Linear layers "
-                             f"({', '.join(names)}): {err}") from None
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the model has no trainable parameter (check train.freeze_embeddings / train.lora_targets)")
-    return model
-
-
-@contextmanager
-def _quiet_peft():
-    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (a FutureWarning per call)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
 
 
 def _task_eval_settings(cfg: Config, data: SFTData) -> dict:
@@ -269,6 +186,9 @@ class _SFTTrainer(DrPostTrainer):
     def __init__(self, *args, eval_batch_size: int = 16, autocast_dtype=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._eval_bs, self._eval_autocast = eval_batch_size, autocast_dtype
+        # called after every micro-batch as observer(trainer, target_like, kinds): the rows' target-like
+        # flags (bool tensor or None) and kinds (list of str or None); the selection is trainer.regularizer's
+        self.step_observers: list[Callable] = []
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """The drpost step, plus what the selection did with the *target-like* general rows (rows of
@@ -276,11 +196,14 @@ class _SFTTrainer(DrPostTrainer):
         their share of the (layer, row) pairs the feasible set kept, logged as ``target_like_batch``
         and ``target_like_chosen``."""
         flags = inputs.pop("target_like", None)
+        kinds = inputs.pop("kinds", None)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if flags is not None and flags.numel():
             for name, value in _target_like_shares(self.args.feasible_set, flags, self.regularizer).items():
                 total, n = self._metrics.get(name, (0.0, 0))
                 self._metrics[name] = (total + value, n + 1)
+        for observe in self.step_observers:
+            observe(self, flags, kinds)
         return loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
@@ -379,41 +302,16 @@ def _target_like_shares(feasible_set: str, flags: torch.Tensor, reg) -> dict:
 
 
 def _collator(tokenizer, target_kind: str | None):
-    """Pad a batch; mark the rows of the target task's kind (popped again before the model sees it)."""
+    """Pad a batch; mark the rows of the target task's kind and list the rows' kinds (both popped again
+    before the model sees the batch)."""
     def fn(rows):
         batch = collate(rows, pad_id=tokenizer.pad_token_id)
-        if target_kind is not None and all("kind" in r for r in rows):
-            batch["target_like"] = torch.tensor([r["kind"] == target_kind for r in rows])
+        if all("kind" in r for r in rows):
+            batch["kinds"] = [r["kind"] for r in rows]
+            if target_kind is not None:
+                batch["target_like"] = torch.tensor([r["kind"] == target_kind for r in rows])
         return batch
     return fn
-
-
-class _clear_disk_errors:
-    """Turn "no space left on device" (an OSError, or torch's writer RuntimeError) into a clear message."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None:
-            return False
-        text = str(err)
-        full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(
-            s in text for s in ("No space left", "file write failed", "unexpected pos"))
-        if not full:
-            return False
-        try:
-            free = f"{shutil.disk_usage(self.run_dir).free / 2 ** 30:.2f} GiB free now"
-        except OSError:
-            free = "free space unknown"
-        raise DiskFullError(
-            f"ran out of disk space while saving under {self.run_dir} ({free}): free some space, keep fewer "
-            "checkpoints (train.save_total_limit), save less often (train.save_steps) or not at all "
-            "(train.save_steps 0, train.save_final false), or train LoRA adapters (train.lora_r) whose checkpoints "
-            "are small. A complete earlier checkpoint can be continued with --resume.") from err
 
 
 # ===================================================================================== evaluation
@@ -458,7 +356,7 @@ def _find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
         return path
     if (run_dir / "final").is_dir():
         return run_dir / "final"
-    last = _last_checkpoint(run_dir)
+    last = last_checkpoint(run_dir)
     if last is None:
         raise RunDirError(f"{run_dir} has neither a final/ model nor a checkpoint-N folder to evaluate")
     return Path(last)
@@ -471,13 +369,13 @@ def load_trained(run_dir: str | Path, checkpoint: str | None = None):
         raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     path = _find_checkpoint(run_dir, checkpoint)
-    dtype = _DTYPES[cfg.model.dtype]
+    dtype = DTYPES[cfg.model.dtype]
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base, tokenizer = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=dtype,
                                      attn_implementation=cfg.model.attn_implementation)
-        with _quiet_peft():
+        with quiet_peft():
             model = PeftModel.from_pretrained(base, str(path))
     else:
         model, tokenizer = load_model(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
@@ -509,7 +407,7 @@ def evaluate_run(run_dir: str | Path, checkpoint: str | None = None, overrides: 
     result.update(checkpoint=str(path), run_dir=str(run_dir), seconds=time.perf_counter() - t0,
                   task=data.stats["target_task"])
     out = Path(output) if output else run_dir / "eval.json"
-    out.write_text(json.dumps(_jsonable(result), indent=1))
+    out.write_text(json.dumps(jsonable(result), indent=1))
     result["path"] = str(out)
     return result
 
@@ -553,68 +451,17 @@ def _metrics(cfg: Config, data: SFTData, final: dict, log_history: list, timer: 
     }
 
 
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _write_outputs(run_dir: Path, metrics: dict, log_history: list, final: dict) -> None:
-    with _clear_disk_errors(run_dir):
-        (run_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+    with clear_disk_errors(run_dir):
+        (run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
         with open(run_dir / "train_log.jsonl", "w") as f:
             for h in log_history:
-                f.write(json.dumps(_jsonable(h)) + "\n")
+                f.write(json.dumps(jsonable(h)) + "\n")
         if "predictions" in final:
             (run_dir / "predictions.json").write_text(json.dumps(
                 [{"prediction": p, "references": r} for p, r in zip(final["predictions"], final["references"])],
                 indent=1))
         plot_curves(metrics, run_dir / "curves.png")
-
-
-def plot_curves(metrics: dict, path: str | Path) -> Path:
-    """Training loss and test perplexity against the step (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    train, evals = metrics["history"]["train"], metrics["history"]["eval"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, label in (("loss", "general loss"), ("target_loss", "target loss")):
-        pts = [(h["step"], h[key]) for h in train if h.get(key) is not None and math.isfinite(h[key])]
-        if pts:
-            ax1.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=label)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("token-mean cross-entropy")
-    ax1.set_title("training loss")
-    ax1.grid(alpha=0.3)
-    if ax1.get_legend_handles_labels()[0]:
-        ax1.legend()
-    pts = [(e["step"], e["ppl"]) for e in evals if e["ppl"] is not None and math.isfinite(e["ppl"])]
-    if pts:
-        ax2.plot(*zip(*pts), marker="o")
-        if max(p for _, p in pts) / max(min(p for _, p in pts), 1e-9) > 20:
-            ax2.set_yscale("log")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("perplexity")
-    ax2.set_title(f"test perplexity: {metrics['task']['target']}", fontsize=10)
-    ax2.grid(alpha=0.3)
-    cfg = metrics.get("config", {})
-    fig.suptitle(f"{cfg.get('run_name')}: {cfg.get('drpost', {}).get('feasible_set')} "
-                 f"frac={cfg.get('drpost', {}).get('frac')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
 
 
 def _summary_line(m: dict) -> str:

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drpost.config import Config, config_from_dict, config_to_dict, load_config, save_config
-from drpost.recipes.sft import RunDirError, _jsonable, run_sft
+from drpost.recipes.common import RunDirError, jsonable
+from drpost.recipes.sft import run_sft
 
 __all__ = ["run_spectrum", "grid", "summarise", "format_summary", "UNCONSTRAINED"]
 
@@ -129,7 +130,7 @@ def run_spectrum(cfg: Config, resume: bool = False, overwrite: bool = False, pro
     bar.close()
     result = _write(out, cfg, runs, final=True)
     result["seconds_total"] = time.perf_counter() - t0
-    (out / "spectrum.json").write_text(json.dumps(_jsonable(result), indent=1))
+    (out / "spectrum.json").write_text(json.dumps(jsonable(result), indent=1))
     print("\n" + result["table"] + "\n", flush=True)
     print(f"spectrum directory: {out} (summary.md, summary.csv, runs.csv, spectrum.png, curves.png)", flush=True)
     return result

@@ -66,7 +66,7 @@ import torch
 
 from drpost.config import Config, config_from_dict
 from drpost.distributed import LaunchRanks
-from drpost.engine.options import add_arguments, from_arguments, option
+from drpost.engine.options import DrPostOptions, add_arguments, from_arguments, option
 from drpost.recipes.common import DTYPES, timestamped_dir, write_json
 from drpost.recipes.demo_report import format_table, notes
 
@@ -141,8 +141,7 @@ def check_config(cfg: DemoConfig, world: int = 1) -> None:
         raise ValueError("steps must be >= 1")
     if cfg.eval_every < 0:
         raise ValueError("eval_every must be >= 0")
-    if not 0 < cfg.frac <= 1:
-        raise ValueError("frac must be in (0, 1]")
+    DrPostOptions(**{k: getattr(cfg, k) for k in ENGINE_FLAGS})   # the engine knobs' own checks
     if not 0.0 <= cfg.headline_frac <= 1.0:
         raise ValueError("headline_frac must be in [0, 1]")
 
@@ -329,8 +328,6 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     d = DemoConfig()
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG
-    from drpost.engine.options import DrPostOptions
-
     add_arguments(p, DemoConfig, include=_CLI_FIELDS)
     p.add_argument("--methods", default=",".join(d.methods),
                    help=f"comma-separated feasible sets to compare, from {', '.join(KNOWN_METHODS)} "

@@ -1,4 +1,4 @@
-"""Tests for drpost.data: packaged corpora, chat tokenisation, collation and demo splits."""
+"""Tests for drpost.data: packaged corpora, chat tokenisation, collation, and the demo's data (a recipe pool)."""
 
 import importlib.util
 import os
@@ -13,7 +13,6 @@ from drpost.data import (  # noqa: E402
     IGNORE_INDEX,
     SequenceTooLongError,
     collate,
-    headline_splits,
     load_bbc,
     load_chatterbot,
     tokenize_chat,
@@ -205,43 +204,32 @@ def test_collate_right_pads(tokenizer):
         collate([{"input_ids": [1, 2], "labels": [1]}], pad)
 
 
-# --- demo splits ---------------------------------------------------------------------------
+# --- the demo's data: a recipe data section ------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return headline_splits(n_target=16, n_test=50, n_general=400, seed=0)
+def demo_data(tokenizer):
+    from drpost.data import build_sft_data
+    from drpost.recipes.demo import DemoConfig, demo_runs
+
+    (_, run), = demo_runs(DemoConfig(methods=("layerwise",), n_general=400, n_test=50), "unused")
+    return build_sft_data(run, tokenizer)
 
 
-def test_splits_sizes_and_mix(splits):
-    s = splits.summary()
-    assert (s["target"], s["test"], s["general"]) == (16, 50, 400)
-    assert s["general_kinds"] == {"chat": 120, "classification": 120, "continuation": 120, "headline": 40}
-    assert all(ex["kind"] == "headline" for ex in splits.target + splits.test)
-    assert all(ex["messages"][0]["content"].startswith("Write a headline") for ex in splits.target)
-    for ex in splits.general:
-        validate_messages(ex["messages"])
+def test_demo_data_sizes_and_mix(demo_data):
+    d = demo_data
+    assert (len(d.target), len(d.test), len(d.general)) == (16, 50, 400)
+    kinds = d.stats["general_kinds"]
+    assert kinds["bbc_headline"] == 40 and sum(kinds.values()) == 400     # ~10 % target-like rows
+    assert set(kinds) == {"bbc_headline", "bbc_category", "chatterbot_qa", "bbc_continuation"}
+    assert set(d.target["kind"]) == set(d.test["kind"]) == {"bbc_headline"}
 
 
-def test_splits_disjoint_and_no_tech_leak(splits):
-    target = {ex["source"] for ex in splits.target}
-    test = {ex["source"] for ex in splits.test}
+def test_demo_data_disjoint_and_no_tech_leak(demo_data):
+    d = demo_data
+    target, test = set(d.target["source"]), set(d.test["source"])
     assert len(target) == 16 and len(test) == 50 and not target & test
-    assert all(src.startswith("tech/") for src in target | test)
-    general_sources = {ex["source"] for ex in splits.general}
-    assert not (target | test) & general_sources
-    # Headline rows of the pool come from the four other sections only.
-    heads = [ex["source"] for ex in splits.general if ex["kind"] == "headline"]
-    assert {h.split("/")[0] for h in heads} == {"business", "entertainment", "politics", "sport"}
-
-
-def test_splits_are_deterministic(splits):
-    again = headline_splits(n_target=16, n_test=50, n_general=400, seed=0)
-    assert again.target == splits.target and again.test == splits.test and again.general == splits.general
-    other = headline_splits(n_target=16, n_test=50, n_general=400, seed=1)
-    assert other.target != splits.target
-
-
-def test_splits_reject_impossible_sizes():
-    with pytest.raises(ValueError):
-        headline_splits(n_target=300, n_test=200)
+    assert all(src.startswith("bbc/tech/") for src in target | test)
+    assert not (target | test) & set(d.general["source"])
+    heads = {s.split("/")[1] for k, s in zip(d.general["kind"], d.general["source"]) if k == "bbc_headline"}
+    assert heads == {"business", "entertainment", "politics", "sport"}    # headline rows of other sections only

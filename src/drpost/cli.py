@@ -129,12 +129,6 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    from drpost.bench import add_bench_arguments   # generated from BenchConfig's fields
-
-    add_bench_arguments(p)
-
-
 def _eval(args: argparse.Namespace) -> int:
     from drpost.recipes.sft import evaluate_run
 
@@ -229,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="time a drpost step against a plain step (ratios, breakdown, peak memory)",
         description="Time plain and drpost training steps, alternated in one process, for every feasible set x "
         "scoring back-end and the naive alternatives; write a Markdown table and JSON (see drpost.bench).")
-    _add_bench_arguments(bench)
+    from drpost.bench import add_bench_arguments   # generated from BenchConfig's fields
+
+    add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
 
     ev = sub.add_parser(

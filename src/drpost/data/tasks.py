@@ -9,8 +9,7 @@ next 20, ROUGE-L), ``bbc_lead`` (article without its first sentence -> that sent
 :func:`drpost.data.splits.build_sft_data`. BBC duplicates (~130 articles stored twice) are removed
 in the registry's tasks.
 
-The demo's splits live in :mod:`drpost.data.demo_splits` (re-exported here), the example dicts and
-prompt instructions in :mod:`drpost.data.examples`.
+The example dicts and prompt instructions live in :mod:`drpost.data.examples`.
 """
 
 from __future__ import annotations
@@ -25,11 +24,10 @@ from typing import Any, Callable
 
 from drpost.data.bbc import SECTIONS, Article, load_bbc
 from drpost.data.chatterbot import QAPair, load_chatterbot
-from drpost.data.demo_splits import TARGET_SECTION, DemoSplits, headline_splits
 from drpost.data.examples import (CLASSIFY_INSTRUCTION, CONTINUE_INSTRUCTION, LEAD_INSTRUCTION, _example, _excerpt,
                                   headline_prompt)
 
-__all__ = ["DemoSplits", "headline_splits", "headline_prompt", "TARGET_SECTION"]
+__all__ = ["headline_prompt"]
 
 # =============================================================================================
 # Task registry: instruction tasks built from the packaged corpora

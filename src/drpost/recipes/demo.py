@@ -258,12 +258,36 @@ def run_demo(cfg: DemoConfig) -> dict:
     results = {}
     for method, run_cfg in runs:
         rec = SelectionRecorder(method, ranks)
-        run = run_sft(run_cfg, data=data, on_trainer=rec.attach)
+
+        def attach(trainer, rec=rec, method=method):
+            rec.attach(trainer)
+            _one_bar(trainer, f"train {method}")
+        run = run_sft(run_cfg, data=data, on_trainer=attach)
         if ranks.main:
             results[method] = _result(method, run, rec, base)
     if not ranks.main:  # rank 0 evaluates and writes; the others' work ends with the last step
         return {"rank": ranks.rank, "run_dir": str(run_dir)}
     return _report(cfg, config, data, base, results, n_layers, run_dir, ranks, t_start)
+
+
+def _one_bar(trainer, desc: str) -> None:
+    """The demo's console: one progress bar per method with the loss in its postfix, instead of the
+    Trainer's printed log dict at every step (the logs still reach metrics.json and TensorBoard)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class _Bar(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(desc)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+    if any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_Bar())
 
 
 def _report(cfg, config, data, base, results, n_layers, run_dir: Path, ranks, t_start) -> dict:

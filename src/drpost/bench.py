@@ -42,7 +42,7 @@ import torch
 from drpost.batch import IGNORE_INDEX, causal_lm_token_losses
 from drpost.bench_memory import PeakCUDA, PeakRSS, memory_in_subprocesses, proc_status_kb, reset_peak_rss
 from drpost.bench_report import format_report, write_report
-from drpost.engine.options import DrPostOptions, add_arguments, from_arguments
+from drpost.engine.options import DrPostOptions, add_arguments, from_arguments, help_meta
 from drpost.profiling import PhaseTimer
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "write_report", "add_bench_arguments",
@@ -55,31 +55,27 @@ MEMORY_MODES = ("auto", "subprocess", "inprocess", "off")
 PER_VARIANT = ("feasible_set", "scoring")
 
 
-def _help(text: str, choices=None) -> dict:
-    return {"help": text, **({"choices": list(choices)} if choices is not None else {})}
-
-
 @dataclass
 class BenchConfig(DrPostOptions):
     """The benchmark's shape and schedule, plus the engine's options (:class:`drpost.DrPostOptions`: frac,
     sketch, seed, target_strategy, refresh_every, ...) shared by every variant; each variant's feasible set
     and scoring back-end come from ``configs`` (``FEASIBLE_SET:SCORING``)."""
-    model: str = field(default="smollm2", metadata=_help("'smollm2' (embedded) or a local HF model directory"))
-    num_layers: Optional[int] = field(default=None, metadata=_help("keep the first N decoder layers (None: all)"))
-    batch: int = field(default=8, metadata=_help("general rows B"))
-    seq: int = field(default=128, metadata=_help("tokens per row T"))
-    target: int = field(default=1, metadata=_help("target rows V"))
-    dtype: str = field(default="fp32", metadata=_help("fp32, or bf16 autocast (fp32 weights)", ("fp32", "bf16")))
-    device: str = field(default="cpu", metadata=_help("cpu or cuda[:N]"))
-    reps: int = field(default=5, metadata=_help("timed steps per variant"))
-    warmup: int = field(default=1, metadata=_help("untimed steps per variant first"))
-    breakdown_reps: int = field(default=1, metadata=_help("extra steps timed per phase (0: no breakdown)"))
-    configs: list = field(default_factory=lambda: list(DEFAULT_CONFIGS), metadata=_help(
+    model: str = field(default="smollm2", metadata=help_meta("'smollm2' (embedded) or a local HF model directory"))
+    num_layers: Optional[int] = field(default=None, metadata=help_meta("keep the first N decoder layers (None: all)"))
+    batch: int = field(default=8, metadata=help_meta("general rows B"))
+    seq: int = field(default=128, metadata=help_meta("tokens per row T"))
+    target: int = field(default=1, metadata=help_meta("target rows V"))
+    dtype: str = field(default="fp32", metadata=help_meta("fp32, or bf16 autocast (fp32 weights)", ("fp32", "bf16")))
+    device: str = field(default="cpu", metadata=help_meta("cpu or cuda[:N]"))
+    reps: int = field(default=5, metadata=help_meta("timed steps per variant"))
+    warmup: int = field(default=1, metadata=help_meta("untimed steps per variant first"))
+    breakdown_reps: int = field(default=1, metadata=help_meta("extra steps timed per phase (0: no breakdown)"))
+    configs: list = field(default_factory=lambda: list(DEFAULT_CONFIGS), metadata=help_meta(
         "FEASIBLE_SET:SCORING,... to time"))
-    naive: bool = field(default=True, metadata=_help("also time the naive vmap and two-pass alternatives"))
-    freeze_embeddings: bool = field(default=False, metadata=_help("freeze the (tied) embedding"))
-    threads: Optional[int] = field(default=None, metadata=_help("torch.set_num_threads (None: leave as is)"))
-    memory: str = field(default="auto", metadata=_help(
+    naive: bool = field(default=True, metadata=help_meta("also time the naive vmap and two-pass alternatives"))
+    freeze_embeddings: bool = field(default=False, metadata=help_meta("freeze the (tied) embedding"))
+    threads: Optional[int] = field(default=None, metadata=help_meta("torch.set_num_threads (None: leave as is)"))
+    memory: str = field(default="auto", metadata=help_meta(
         "peak memory: auto = a fresh process per variant on CPU (one warm-up + one measured step; RSS peaks are "
         "not separable in one process), the allocator peak on CUDA", MEMORY_MODES))
 

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from .engine.options import DrPostOptions, OptionError, option
+from .engine.options import DrPostOptions, OptionError, check_int, help_meta, option
 
 ALGORITHMS = ("grpo", "rloo")
 TARGET_LOSSES = ("reward", "train-loss")
@@ -30,13 +30,6 @@ def values_of(obj: Any, cls: type) -> dict:
     """The values of the fields ``cls`` declares, read from ``obj`` (an instance of a subclass of
     ``cls``): e.g. the DrPostOptions part of a recipe section, passed on without naming the fields."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)}
-
-
-def check_int(obj: Any, name: str, low: int = 1) -> None:
-    """OptionError unless ``obj.<name>`` is an integer >= ``low``."""
-    value = getattr(obj, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise OptionError(name, f"{name} must be an integer >= {low}, got {value!r}")
 
 
 @dataclass
@@ -59,9 +52,7 @@ class DrPostTrainingOptions(DrPostOptions):
     def check_training_options(self) -> None:
         """The engine's checks, then the trainer's."""
         self.check_options()
-        value = self.target_batch_size
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OptionError("target_batch_size", f"target_batch_size must be a positive integer, got {value!r}")
+        check_int(self, "target_batch_size", 1, "a positive integer")
 
     def trainer_values(self) -> dict:
         """What a trainer takes from a recipe's ``drpost:`` section (every field but the trainer's own)."""
@@ -71,37 +62,33 @@ class DrPostTrainingOptions(DrPostOptions):
         return values
 
 
-def _help(text: str, choices=None) -> dict:
-    return {"help": text, **({"choices": list(choices)} if choices is not None else {})}
-
-
 @dataclass
 class PolicyGradientOptions:
     """The knobs of the policy-gradient loop (see the field help texts); checked in ``__post_init__``."""
 
-    algorithm: Optional[str] = field(default="grpo", metadata=_help(
+    algorithm: Optional[str] = field(default="grpo", metadata=help_meta(
         "grpo (group-normalised rewards, KL loss term) | rloo (leave-one-out baseline, KL-shaped reward).",
         ALGORITHMS))
-    iif: bool = field(default=False, metadata=_help(
+    iif: bool = field(default=False, metadata=help_meta(
         "The IIF baseline: score the whole rollout once (global filter), drop the negatives, train plainly."))
-    target_loss: str = field(default="reward", metadata=_help(
+    target_loss: str = field(default="reward", metadata=help_meta(
         "reward (z-scored reward x log-prob) | train-loss (the RL objective itself).", TARGET_LOSSES))
-    target_source: str = field(default="pool", metadata=_help(
+    target_source: str = field(default="pool", metadata=help_meta(
         "pool (rollouts on target prompts) | self (the step's own rollout).", TARGET_SOURCES))
-    target_batch: int = field(default=4, metadata=_help(
+    target_batch: int = field(default=4, metadata=help_meta(
         "Target prompts rolled out per refresh of the target gradient (every refresh_every steps)."))
-    prompts_per_step: int = field(default=4, metadata=_help("Training prompts rolled out per step."))
-    group_size: int = field(default=4, metadata=_help("Completions per prompt."))
-    micro_batch: int = field(default=8, metadata=_help(
+    prompts_per_step: int = field(default=4, metadata=help_meta("Training prompts rolled out per step."))
+    group_size: int = field(default=4, metadata=help_meta("Completions per prompt."))
+    micro_batch: int = field(default=8, metadata=help_meta(
         "Rows per forward/backward (drpost selects per micro-batch)."))
-    mini_batches: int = field(default=1, metadata=_help("Optimiser steps per pass over a rollout."))
-    epochs: int = field(default=1, metadata=_help("Passes over each rollout."))
-    max_new_tokens: int = field(default=4, metadata=_help("Tokens sampled per completion."))
-    temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the rollouts."))
-    beta: float = field(default=0.04, metadata=_help(
+    mini_batches: int = field(default=1, metadata=help_meta("Optimiser steps per pass over a rollout."))
+    epochs: int = field(default=1, metadata=help_meta("Passes over each rollout."))
+    max_new_tokens: int = field(default=4, metadata=help_meta("Tokens sampled per completion."))
+    temperature: float = field(default=1.0, metadata=help_meta("Sampling temperature of the rollouts."))
+    beta: float = field(default=0.04, metadata=help_meta(
         "KL coefficient (GRPO: k3 loss term; RLOO: KL-shaped reward)."))
-    clip_eps: float = field(default=0.2, metadata=_help("PPO-style ratio clipping of the policy-gradient loss."))
-    system_prompt: Optional[str] = field(default="", metadata=_help(
+    clip_eps: float = field(default=0.2, metadata=help_meta("PPO-style ratio clipping of the policy-gradient loss."))
+    system_prompt: Optional[str] = field(default="", metadata=help_meta(
         "System turn of the prompts ('': an empty one; None: the chat template's default)."))
 
     def __post_init__(self):

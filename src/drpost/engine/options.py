@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..feasible import FEASIBLE_SETS, SCOPES
+from ..feasible import FEASIBLE_SETS, SCOPES, check_frac
 from ..scoring import BACKENDS, parse_sketch
 
 TARGET_STRATEGIES = ("merged", "separate")
@@ -42,50 +42,58 @@ class OptionError(ValueError):
         self.option = option
 
 
-def _help(text: str, choices=None) -> dict:
+def help_meta(text: str, choices=None) -> dict:
+    """Field metadata of an option: its help text and, when given, its choices."""
     meta = {"help": text}
     if choices is not None:
         meta["choices"] = list(choices)
     return meta
 
 
+def check_int(obj: Any, name: str, low: int = 1, what: str | None = None) -> None:
+    """OptionError unless ``obj.<name>`` is an integer >= ``low``."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise OptionError(name, f"{name} must be {what or f'an integer >= {low}'}, got {value!r}")
+
+
 @dataclass
 class DrPostOptions:
     """The options of :class:`drpost.DataRegularizer` (see the field help texts)."""
 
-    feasible_set: str = field(default="layerwise", metadata=_help(
+    feasible_set: str = field(default="layerwise", metadata=help_meta(
         "Feasible set of update directions built from the general batch: 'standard' (plain training), "
         "'target_only', 'global', 'layerwise', 'rowwise', 'filter', 'greedy' or 'random'.", FEASIBLE_SETS))
-    frac: float = field(default=0.5, metadata=_help(
+    frac: float = field(default=0.5, metadata=help_meta(
         "Regularization strength in (0, 1]: top-k feasible sets keep k = max(1, floor(B * frac)) general "
         "samples per decision; 'filter' drops this share of the negatively scored samples. frac=1 keeps "
         "every sample (plain training for the top-k sets)."))
-    scoring: str = field(default="auto", metadata=_help(
+    scoring: str = field(default="auto", metadata=help_meta(
         "How the per-sample scores <G_i, g_T> are computed: 'reduced_ghost', 'pairwise_ghost', 'direct', "
         "'sketch' (approximate) or 'auto' (the cheapest exact back-end per layer).", BACKENDS))
-    target_strategy: str = field(default="merged", metadata=_help(
+    target_strategy: str = field(default="merged", metadata=help_meta(
         "'merged': the target rows ride in the same forward/backward as the general batch; 'separate': the "
         "target gradient is captured first and reused for `refresh_every` steps.", TARGET_STRATEGIES))
-    refresh_every: int = field(default=1, metadata=_help(
+    refresh_every: int = field(default=1, metadata=help_meta(
         "target_strategy='separate': recapture the target gradient every this many optimisation steps."))
-    score_norm: str = field(default="none", metadata=_help(
+    score_norm: str = field(default="none", metadata=help_meta(
         "Score normalisation before selection: 'none' (the paper), 'per_token' (s_i / T_i) or 'cosine'.",
         SCORE_NORMS))
-    scope: str = field(default="layer", metadata=_help(
+    scope: str = field(default="layer", metadata=help_meta(
         "Decision scope of 'filter', 'greedy' and 'random': per 'layer' or one 'global' decision "
         "(global/layerwise/rowwise fix their own scope).", SCOPES))
-    sketch: str = field(default="gaussian-64x64", metadata=_help(
+    sketch: str = field(default="gaussian-64x64", metadata=help_meta(
         "Sketch of scoring='sketch': 'gaussian-K1xK2' or 'countsketch-K1xK2' (K1 projects the output-gradient "
         "side, K2 the input side)."))
-    seed: int = field(default=0, metadata=_help(
+    seed: int = field(default=0, metadata=help_meta(
         "Seed of the 'random' feasible set and of the sketches."))
-    greedy_lr: float = field(default=1e-4, metadata=_help(
+    greedy_lr: float = field(default=1e-4, metadata=help_meta(
         "feasible_set='greedy': the step size eta of one SGD step along the token-mean update of the chosen "
         "samples, whose second-order Taylor gain greedy maximises (drpost.feasible.greedy_mask)."))
-    nonfinite: str = field(default="error", metadata=_help(
+    nonfinite: str = field(default="error", metadata=help_meta(
         "On a NaN/inf loss, score, target gradient or assembled gradient: raise an 'error' naming it, or "
         "'skip' the optimisation step (every .grad set to None).", NONFINITE))
-    direct_max_mb: float = field(default=256.0, metadata=_help(
+    direct_max_mb: float = field(default=256.0, metadata=help_meta(
         "Memory bound (MiB) of the per-sample gradients the 'direct' back-end materialises (it works in "
         "chunks above it; 'auto' never picks it above it)."))
 
@@ -100,16 +108,13 @@ class DrPostOptions:
             value = getattr(self, f.name)
             if choices is not None and value not in choices:
                 raise OptionError(f.name, f"unknown {f.name} {value!r}; choose one of {', '.join(choices)}")
-        frac = self.frac
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < float(frac) <= 1.0:
-            raise OptionError("frac", f"frac (the regularization strength) must be a number in (0, 1], got "
-                                      f"{frac!r}: frac=1 keeps every general sample (plain training), smaller "
-                                      "values keep fewer")
-        self.frac = float(frac)
-        for name, low, what in (("refresh_every", 1, "a positive integer"), ("seed", 0, "an integer >= 0")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise OptionError(name, f"{name} must be {what}, got {value!r}")
+        try:
+            check_frac(self.frac)
+        except ValueError as err:
+            raise OptionError("frac", str(err)) from None
+        self.frac = float(self.frac)
+        check_int(self, "refresh_every", 1, "a positive integer")
+        check_int(self, "seed", 0)
         for name in ("greedy_lr", "direct_max_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \

@@ -66,7 +66,7 @@ import torch
 
 from drpost.config import Config, config_from_dict
 from drpost.distributed import LaunchRanks
-from drpost.engine.options import DrPostOptions, add_arguments, from_arguments, option
+from drpost.engine.options import DrPostOptions, add_arguments, from_arguments, help_meta, option
 from drpost.recipes.common import DTYPES, timestamped_dir, write_json
 from drpost.recipes.demo_report import format_table, notes
 
@@ -81,25 +81,21 @@ _TARGET = {"task": "bbc_headline", "sections": ["tech"]}
 _OFF_TASK = ("bbc_category", "chatterbot_qa", "bbc_continuation")  # equal shares of the non-headline rows
 
 
-def _h(text: str) -> dict:
-    return {"help": text}
-
-
 @dataclass
 class DemoConfig:
     """The demo's settings; the engine knobs (``frac``, ``scoring``, ``score_norm``) are
     :class:`~drpost.engine.options.DrPostOptions` fields re-declared with the demo's defaults; ``seed``
     is the demo's own (it seeds the data and training too, and is passed to the engine)."""
 
-    steps: int = field(default=40, metadata=_h("training steps per method"))
-    num_layers: Optional[int] = field(default=None, metadata=_h(
+    steps: int = field(default=40, metadata=help_meta("training steps per method"))
+    num_layers: Optional[int] = field(default=None, metadata=help_meta(
         "keep only the first N decoder layers of the model (None: all)"))
     methods: tuple = METHODS
-    seed: int = field(default=0, metadata=_h(
+    seed: int = field(default=0, metadata=help_meta(
         "seed of the data split and order, of training and of the engine (the 'random' feasible set)"))
-    out: str = field(default="runs", metadata=_h("parent directory of the run directory"))
-    model: str = field(default="smollm2", metadata=_h("'smollm2' (embedded) or a local HF model directory"))
-    lr: float = field(default=5e-5, metadata=_h("AdamW learning rate"))
+    out: str = field(default="runs", metadata=help_meta("parent directory of the run directory"))
+    model: str = field(default="smollm2", metadata=help_meta("'smollm2' (embedded) or a local HF model directory"))
+    lr: float = field(default=5e-5, metadata=help_meta("AdamW learning rate"))
     batch_size: int = 8  # general rows per step (over all processes)
     target_rows: int = 2  # target rows per step (merged into the selecting methods' backward)
     target_only_batch: int = 8  # rows per step for target_only (all from the target set)
@@ -107,17 +103,17 @@ class DemoConfig:
     scoring: str = option("scoring", "auto")
     score_norm: str = option("score_norm", "none")
     n_target: int = 16
-    n_test: int = field(default=50, metadata=_h("held-out tech articles for perplexity and ROUGE-L"))
-    n_general: int = field(default=1000, metadata=_h("size of the general pool"))
-    headline_frac: float = field(default=0.10, metadata=_h(
+    n_test: int = field(default=50, metadata=help_meta("held-out tech articles for perplexity and ROUGE-L"))
+    n_general: int = field(default=1000, metadata=help_meta("size of the general pool"))
+    headline_frac: float = field(default=0.10, metadata=help_meta(
         "share of headline rows (other BBC sections) in the general pool"))
-    max_length: int = field(default=112, metadata=_h(
+    max_length: int = field(default=112, metadata=help_meta(
         "maximum tokens per sequence; prompts are shortened to fit"))
-    eval_every: int = field(default=10, metadata=_h("test perplexity every N steps (0: only before/after)"))
+    eval_every: int = field(default=10, metadata=help_meta("test perplexity every N steps (0: only before/after)"))
     eval_batch_size: int = 25
-    max_new_tokens: int = field(default=24, metadata=_h("greedy headline length cap for ROUGE-L"))
-    rouge: bool = field(default=True, metadata=_h("generate headlines and report ROUGE-L"))
-    autocast: bool = field(default=True, metadata=_h("bf16 autocast for training and evaluation"))
+    max_new_tokens: int = field(default=24, metadata=help_meta("greedy headline length cap for ROUGE-L"))
+    rouge: bool = field(default=True, metadata=help_meta("generate headlines and report ROUGE-L"))
+    autocast: bool = field(default=True, metadata=help_meta("bf16 autocast for training and evaluation"))
     system_prompt: str = ""  # "" = an empty system turn (shorter than SmolLM's default prompt)
     extra: dict = field(default_factory=dict)
 

@@ -118,3 +118,9 @@ def test_micro_batch_keeping_every_row_warns_once(feasible):
 @pytest.mark.parametrize("feasible,frac,rows", [("layerwise", 0.5, 2), ("layerwise", 1.0, 1), ("filter", 0.5, 1)])
 def test_no_warning_when_selection_is_real_or_intended(feasible, frac, rows):
     assert _tiny_step(feasible, frac, rows) == []
+
+
+def test_positional_feasible_set_is_refused_with_a_hint():
+    case = get_case("tiny_lm")
+    with pytest.raises(TypeError, match="feasible_set='layerwise'"):
+        DataRegularizer(case.fresh(), "layerwise")

@@ -4,13 +4,23 @@ A batch is a dict with ``input_ids`` [N, T] (long), optional ``attention_mask`` 
 ``labels`` [N, T] where -100 marks ignored positions; position t predicts ``labels[:, t+1]``
 (the shift Hugging Face applies). Every per-sample quantity in drpost is a token *sum*; means
 are taken only when gradients are assembled (METHOD §1.6).
+
+A packed (padding-free) batch has ``position_ids`` restarting at each sequence (and/or the
+flash-attention ``cu_seq_lens_q/k``) and no ``attention_mask``; then a sample is one sequence
+(:mod:`drpost.packing`) and no token predicts across a sequence boundary. Every other key the
+model's forward accepts is passed on unchanged; one it does not accept is an error.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+import inspect
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+from .packing import FLASH_KEYS, Layout, layout_of
 
 IGNORE_INDEX = -100
 
@@ -49,6 +59,15 @@ def check_batch(batch, role: str, device: torch.device | None = None) -> dict:
             raise TypeError(f"{role} batch[{key!r}] must be a torch.Tensor, got {type(batch[key]).__name__}")
     ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
+    if ids.dim() == 2 and ids.shape[0] > 0:
+        layout = layout_of(batch)
+        if not layout.identity and mask is not None:
+            raise ValueError(f"the {role} batch is packed (position_ids restart inside a row, or cu_seq_lens_q) "
+                             "and also has an attention_mask: the attention mask would let the packed "
+                             "sequences attend to each other; drop the attention_mask (TRL's padding_free "
+                             "collator emits none) or unpack the batch one sequence per row")
+    else:
+        layout = Layout(max(ids.shape[0], 1), ids.shape[-1], None)
     if mask is None:
         mask = torch.ones_like(ids)
     for key, t in (("input_ids", ids), ("labels", labels), ("attention_mask", mask)):
@@ -68,7 +87,9 @@ def check_batch(batch, role: str, device: torch.device | None = None) -> dict:
         raise ValueError(f"the {role} batch has sequences of length {ids.shape[1]}: a causal LM needs at least 2 "
                          "positions to supervise a token (labels[:, 1:]); drop empty or one-token examples")
     out = dict(batch)
-    out["attention_mask"] = mask
+    if layout.identity:
+        out["attention_mask"] = mask
+    out["_layout"] = layout
     return out
 
 
@@ -82,22 +103,63 @@ def require_supervised(tokens: torch.Tensor, role: str) -> None:
 
 def merge_batches(general: dict, target: dict, pad_id: int = 0) -> dict:
     """Rows of the general batch followed by the target rows, right-padded to a common length.
-    Extra keys (other than the three standard ones) are concatenated when present in both."""
+    Extra keys (other than the standard ones) are concatenated when present in both; a key in
+    only one of them cannot be honoured for the other's rows and is an error. If either batch is
+    packed the merged one is too: position_ids for every row (a padded row's tail continues its
+    positions, so it stays one sample), no attention_mask, cu_seq_lens rebuilt when given."""
     length = max(general["input_ids"].shape[1], target["input_ids"].shape[1])
+    internal = {"input_ids", "attention_mask", "labels", "position_ids", "_layout", *FLASH_KEYS}
+    only = sorted((general.keys() ^ target.keys()) - internal)
+    if only:
+        raise ValueError(f"batch key(s) {only} are in only one of the general and the target batch, so the "
+                         "merged forward cannot pass them for every row; give both batches the key or "
+                         "use target_strategy='separate'")
 
     def pad(t: torch.Tensor, value: int) -> torch.Tensor:
         return F.pad(t, (0, length - t.shape[1]), value=value)
 
     merged = {"input_ids": torch.cat([pad(general["input_ids"], pad_id), pad(target["input_ids"], pad_id)]),
-              "attention_mask": torch.cat([pad(general["attention_mask"], 0), pad(target["attention_mask"], 0)]),
               "labels": torch.cat([pad(general["labels"], IGNORE_INDEX), pad(target["labels"], IGNORE_INDEX)])}
-    for key in general.keys() & target.keys() - merged.keys():
+    packed_ = not (general["_layout"].identity and target["_layout"].identity) if "_layout" in general and \
+        "_layout" in target else False
+    if packed_:
+        merged["position_ids"] = torch.cat([_positions(general, length), _positions(target, length)])
+        layout = layout_of(merged)
+        merged["_layout"] = layout
+        if "cu_seq_lens_q" in general or "cu_seq_lens_q" in target:
+            cu, longest = layout.cu_seq_lens(merged["input_ids"].device)
+            merged.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
+        merged["attention_mask"] = torch.cat([pad(general["attention_mask"], 0), pad(target["attention_mask"], 0)])
+    for key in general.keys() & target.keys() - internal:
         a, b = general[key], target[key]
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() >= 1 and a.shape[1:] == b.shape[1:]:
             merged[key] = torch.cat([a, b])
         elif isinstance(a, torch.Tensor) and a.dim() == 2 and b.dim() == 2:
             merged[key] = torch.cat([pad(a, 0), pad(b, 0)])
+        else:
+            raise ValueError(f"batch key {key!r} cannot be merged row-wise (shapes "
+                             f"{getattr(a, 'shape', type(a).__name__)} and {getattr(b, 'shape', type(b).__name__)}); "
+                             "use target_strategy='separate'")
     return merged
+
+
+def _positions(batch: dict, length: int) -> torch.Tensor:
+    """position_ids [N, length] of one side of a packed merge; padding continues the last position."""
+    ids = batch["input_ids"]
+    n, t = ids.shape
+    pos = batch.get("position_ids")
+    if pos is None:
+        mask = batch.get("attention_mask")
+        if mask is not None and bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise ValueError("a left-padded batch cannot be merged with a packed one: pad on the right "
+                             "or use target_strategy='separate'")
+        pos = torch.arange(t, device=ids.device).expand(n, t)
+    pos = pos.expand(n, t)
+    if length > t:
+        tail = pos[:, -1:] + 1 + torch.arange(length - t, device=pos.device)
+        pos = torch.cat([pos, tail], 1)
+    return pos
 
 
 def logits_of(output) -> torch.Tensor:
@@ -111,13 +173,82 @@ def logits_of(output) -> torch.Tensor:
     return logits
 
 
+def forward_kwargs(model, batch: dict) -> dict:
+    """Every batch key but ``labels`` for the model's forward; a key it does not accept is an error."""
+    keys = [k for k in batch if k != "labels" and not k.startswith("_")]
+    params = _forward_params(model)
+    if params is not None:
+        unknown = [k for k in keys if k not in params]
+        if unknown:
+            raise ValueError(f"batch key(s) {unknown} are not arguments of {type(model).__name__}.forward, so "
+                             "drpost cannot pass them on; remove them from the batch")
+    return {k: batch[k] for k in keys}
+
+
+def _forward_params(model) -> set | None:
+    """The forward's named arguments (a PEFT model's base model's), or None if it takes **kwargs."""
+    base = model
+    while hasattr(base, "get_base_model") and base is not base.get_base_model():
+        base = base.get_base_model()
+    sig = inspect.signature(base.forward)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return set(sig.parameters)
+
+
+def _accepts(model, name: str) -> bool:
+    params = _forward_params(model)
+    return params is None or name in params
+
+
+_ATTENTION_OK = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def check_packed_model(model, batch: dict) -> None:
+    """Raise if the model's attention cannot keep the packed sequences of ``batch`` apart."""
+    params = _forward_params(model)
+    if params is not None and "position_ids" not in params:
+        raise ValueError(f"the batch is packed but {type(model).__name__}.forward takes no position_ids, so "
+                         "its attention cannot keep the packed sequences apart; unpack the batch (one "
+                         "sequence per row, with an attention_mask)")
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl is not None and impl not in _ATTENTION_OK:
+        raise ValueError(f"the batch is packed but attn_implementation={impl!r} is not one drpost knows to "
+                         f"keep packed sequences apart ({', '.join(_ATTENTION_OK)}); unpack the batch")
+
+
+_warned_boundary = []
+
+
 def row_losses(model, batch: dict, loss_fn: TokenLossFn | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward the model; return (per-row loss sums [N] float32+, per-row supervised tokens [N] float32)."""
-    logits = logits_of(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
+    """Forward the model; return (per-sample loss sums [S] float32+, per-sample supervised tokens [S]).
+    A sample is a row, or one sequence of a packed row."""
+    layout = batch.get("_layout") or layout_of(batch)
+    if not layout.identity:
+        check_packed_model(model, batch)
+    kwargs = forward_kwargs(model, batch)
+    if not layout.identity and "use_cache" not in kwargs and _accepts(model, "use_cache"):
+        # as TRL's SFTTrainer does: with a cache, transformers does not look for packed position_ids
+        kwargs["use_cache"] = False
+    logits = logits_of(model(**kwargs))
     losses, mask = (loss_fn or causal_lm_token_losses)(logits, batch)
     if losses.shape != mask.shape or losses.shape[0] != batch["input_ids"].shape[0]:
         raise ValueError(f"loss_fn must return (token_losses, mask) of equal shape [N, L]; got "
                          f"{tuple(losses.shape)} and {tuple(mask.shape)}")
     mask = mask.to(torch.bool)
-    sums = torch.where(mask, losses, torch.zeros_like(losses)).sum(1)
-    return sums, mask.sum(1).to(torch.float32)
+    starts = layout.starts_mask()
+    if starts is not None and mask.shape != starts.shape:
+        raise ValueError(f"a packed batch needs loss_fn to return one loss per token [N, T] = "
+                         f"{tuple(starts.shape)}, got {tuple(mask.shape)}")
+    if starts is not None:
+        # position j predicts token j+1: never across a sequence boundary
+        crossing = F.pad(starts[:, 1:], (0, 1), value=False)
+        if bool((mask & crossing).any()):
+            if not _warned_boundary:
+                _warned_boundary.append(True)
+                warnings.warn("drpost: the packed batch supervises the first token of a sequence (its label "
+                              "is not -100), which would be predicted from the previous sequence; those "
+                              "tokens are not scored (TRL's padding_free collator sets them to -100)")
+            mask = mask & ~crossing
+    sums = layout.sums(torch.where(mask, losses, torch.zeros_like(losses)))
+    return sums, layout.sums(mask.to(torch.float32))

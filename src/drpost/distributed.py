@@ -222,7 +222,8 @@ def gather_rows(ctx: DistContext, batch: dict | None, pad_id: int, extra=()) -> 
     for j, value in enumerate((pad_id, 0, IGNORE_INDEX)):
         payload[j].fill_(value)
         if n:
-            payload[j, :n, :t] = batch[_KEYS[j]]
+            # a packed batch has no attention_mask; it travels as ones (the caller refuses packed batches)
+            payload[j, :n, :t] = batch[_KEYS[j]] if _KEYS[j] in batch else 1
     full = ctx.all_gather(payload).view(ctx.world, 3, big_n, big_t)
     stacked = torch.cat([full[r, :, :rows[r]] for r in range(ctx.world) if rows[r]], dim=1)
     return dict(zip(_KEYS, stacked.unbind(0))), heads[:, 2:]

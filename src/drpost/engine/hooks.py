@@ -10,6 +10,10 @@ in forward. In backward the tap passes the true activation gradient down (the ch
 never changed) and hands the per-sample factors ``(x, delta)`` to the **sink** it was given
 (the per-layer pipeline); it never calls into the controller. The sink tells the hooks whether
 they are active and how many rows the running batch has (``sink.step``).
+
+In a packed batch a sample is one sequence: the tap hands the rule its factors in the sample
+layout of ``sink.step.layout`` ([S, Tmax, ...], :mod:`drpost.packing`), while the true input
+gradient keeps the module's own [N, T, ...] shape.
 """
 from __future__ import annotations
 
@@ -58,14 +62,19 @@ class _Tap(torch.autograd.Function):
     def backward(ctx, grad_out):
         (a,) = ctx.saved_tensors
         use, sink, need = ctx.use, ctx.sink, ctx.needs_input_grad[2]
+        layout = sink.step.layout
         if use.group is None:   # row-restricted (norm) layer in a merged batch
             with sink.phase("norm_rules"):
-                grad_x, grads = use.rule.backward(a, grad_out, use.state, sink.step.n_general)
+                # general and target samples never share a row: restrict to the general rows
+                general_rows = sink.step.n_general if layout is None else layout.rows_of(sink.step.n_general)
+                grad_x, grads = use.rule.backward(a, grad_out, use.state, general_rows)
                 with torch.no_grad():
                     sink.on_plain_grads(grads)
             grad_a = grad_x if need else None
         else:
             grad_a = use.rule.input_grad(a, grad_out) if need else None
+            if layout is not None and not layout.identity:
+                a, grad_out = layout.samples(a), layout.samples(grad_out)
             with torch.no_grad():
                 sink.on_factors(use.group, use.rule, use.rule.factors(a, grad_out))
         return (None, None, grad_a) + (None,) * ctx.n_params

@@ -8,7 +8,8 @@
   captured (and cached for ``refresh_every`` steps), then the general rows go through their own pass.
 
 Every loss is the SUM of per-token losses, so every per-sample gradient is a token sum; the
-division by token counts happens once, at finalize (METHOD §1.6).
+division by token counts happens once, at finalize (METHOD §1.6). A sample is a row, or one
+sequence of a packed row (:mod:`drpost.packing`); the counts below are of samples.
 """
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ import torch
 
 from ..batch import merge_batches, require_supervised, row_losses
 from ..group import add_into
+from ..packing import FLASH_KEYS, layout_of
+
+
+def n_samples(batch: dict) -> int:
+    layout = batch.get("_layout")
+    return layout.n if layout is not None else batch["input_ids"].shape[0]
 
 
 class Passes:
@@ -27,7 +34,7 @@ class Passes:
 
     # ------------------------------------------------------------------ helpers
     def _forward(self, batch: dict, mode: str, n_general: int, n_target: int):
-        self.pipeline.begin_forward(mode, batch["input_ids"].shape[0], n_general, n_target)
+        self.pipeline.begin_forward(mode, batch["input_ids"].shape[0], n_general, n_target, batch.get("_layout"))
         with self.pipeline.phase("forward"):
             return row_losses(self.model, batch, self.loss_fn)
 
@@ -98,9 +105,9 @@ class Passes:
         step.add_plain_tokens(t_total)
 
     def merged(self, general: dict, target: dict) -> None:
-        b = general["input_ids"].shape[0]
+        b = n_samples(general)
         merged = merge_batches(general, target, self.pad_token_id)
-        sums, tokens = self._forward(merged, "merged", b, target["input_ids"].shape[0])
+        sums, tokens = self._forward(merged, "merged", b, n_samples(target))
         try:
             self._general_tokens(sums, tokens, b)
             self._selecting_backward(sums.sum(), "general+target")
@@ -108,7 +115,7 @@ class Passes:
             self.pipeline.step.mode = None
 
     def general(self, general: dict) -> None:
-        b = general["input_ids"].shape[0]
+        b = n_samples(general)
         sums, tokens = self._forward(general, "general", b, 0)
         target = self.pipeline.target
         try:
@@ -126,13 +133,18 @@ class Passes:
             g.cache = None
         n = target["input_ids"].shape[0]
         step = chunk_size or n
+        if step < n and any(k in target for k in FLASH_KEYS):
+            raise ValueError("a target batch with flash-attention kwargs (cu_seq_lens_q, ...) cannot be split "
+                             "into chunks of rows; capture it whole or drop those keys (position_ids suffice)")
         total_tokens, total_loss = None, None
         params = [p for g in groups for p in g.params]
         try:
             for start in range(0, n, step):
                 chunk = {k: (v[start:start + step] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n
                              else v) for k, v in target.items()}
-                sums, tokens = self._forward(chunk, "capture", 0, n)
+                if step < n:
+                    chunk["_layout"] = layout_of(chunk)
+                sums, tokens = self._forward(chunk, "capture", 0, n_samples(target))
                 loss = sums.sum()
                 if not self._loss_ok(loss, "target"):
                     return

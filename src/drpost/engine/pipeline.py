@@ -44,8 +44,8 @@ class Pipeline:
             g.reset()
         self.step = StepState()
 
-    def begin_forward(self, mode, rows: int, n_general: int, n_target: int) -> None:
-        self.step.begin_forward(mode, rows, n_general, n_target)
+    def begin_forward(self, mode, rows: int, n_general: int, n_target: int, layout=None) -> None:
+        self.step.begin_forward(mode, rows, n_general, n_target, layout)
         for g in self.groups:
             g.calls, g.pending = 0, []
 

@@ -112,15 +112,18 @@ class DistributedReduction(LocalReduction):
         every rank's target rows so that each rank holds the whole target batch (one collective for
         the sizes, one for the rows)."""
         ctx, b = self.ctx, general["input_ids"].shape[0]
+        packed = int(_packed(general) or _packed(target))
         if needs_target:
-            full, extra = _dist.gather_rows(ctx, target, self.pad_token_id, extra=(b,))
-            sizes = extra[:, 0].tolist()
+            full, extra = _dist.gather_rows(ctx, target, self.pad_token_id, extra=(b, packed))
         else:
-            full, sizes = None, ctx.all_gather(torch.tensor([b], device=ctx.device)).tolist()
+            full, extra = None, ctx.all_gather(torch.tensor([[b, packed]], device=ctx.device)).cpu()
+        _refuse_packed(extra[:, 1].tolist())
+        sizes = extra[:, 0].tolist()
         _dist.check_same_batch_size(ctx, sizes)
-        if target is not None and target.keys() - set(_dist._KEYS):
+        dropped = sorted(k for k in (target or {}) if k not in _dist._KEYS and not k.startswith("_"))
+        if dropped:
             self.warn(f"drpost: distributed steps gather only input_ids/attention_mask/labels of the target "
-                      f"batch; {sorted(target.keys() - set(_dist._KEYS))} are dropped")
+                      f"batch; {dropped} are dropped")
         if not needs_target:
             return target
         if full is None:
@@ -131,7 +134,9 @@ class DistributedReduction(LocalReduction):
 
     def capture_rows(self, target_batch, device) -> dict:
         target = check_batch(target_batch, "target", device) if target_batch is not None else None
-        target, _ = _dist.gather_rows(self.ctx, target, self.pad_token_id)   # every rank captures it all
+        target, extra = _dist.gather_rows(self.ctx, target, self.pad_token_id,   # every rank captures it all
+                                          extra=(int(_packed(target)),))
+        _refuse_packed(extra[:, 0].tolist())
         if target is None:
             raise ValueError("capture_target: no rank passed target rows")
         return check_batch(target, "target", device)
@@ -241,3 +246,16 @@ def _age_target(pipeline) -> None:
     target = pipeline.target
     if pipeline.options.target_strategy == "separate" and target.age is not None:
         target.age += 1
+
+
+def _packed(batch: dict | None) -> bool:
+    return batch is not None and not batch["_layout"].identity
+
+
+def _refuse_packed(flags: list) -> None:
+    """Raised on every rank (the flags were gathered): packed batches are one-process only."""
+    if any(flags):
+        ranks = [r for r, f in enumerate(flags) if f]
+        raise ValueError(f"rank(s) {ranks} passed a packed (padding-free) batch: with several processes drpost "
+                         "gathers target rows and counts samples per row, so packed batches are supported in "
+                         "one process only; pad the batches one sequence per row under torchrun")

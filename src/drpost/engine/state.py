@@ -53,9 +53,10 @@ class StepState:
     def __init__(self):
         self.mode: str | None = None   # None (hooks idle) | "merged" | "capture" | "general"
         self.rows = 0                  # rows of the batch in the current forward
-        self.n_general = 0             # general rows of the current forward (first rows of a merged batch)
-        self.n_target = 0
-        self.tokens_general: torch.Tensor | None = None   # supervised tokens per general row [B]
+        self.n_general = 0             # general samples of the current forward (the first ones of a merged batch)
+        self.n_target = 0              # (a sample is a row, or one sequence of a packed row)
+        self.layout = None             # the current forward's drpost.packing.Layout (None: one sample per row)
+        self.tokens_general: torch.Tensor | None = None   # supervised tokens per general sample [B]
         self.plain_acc: dict = {}      # raw token-sum gradients of the unscored parameters
         self.plain_tokens: torch.Tensor | None = None
         self.retained: list = []       # global scope: (group, parts, normalised scores, gram, per_sample)
@@ -64,8 +65,9 @@ class StepState:
         self.tags_ok = None            # distributed: did every score gather pair the same layers?
         self.stats: StepStats | None = None   # the running call's statistics
 
-    def begin_forward(self, mode: str | None, rows: int, n_general: int, n_target: int) -> None:
+    def begin_forward(self, mode: str | None, rows: int, n_general: int, n_target: int, layout=None) -> None:
         self.mode, self.rows, self.n_general, self.n_target = mode, rows, n_general, n_target
+        self.layout = layout
 
     def add_plain_tokens(self, tokens: torch.Tensor) -> None:
         self.plain_tokens = tokens if self.plain_tokens is None else self.plain_tokens + tokens

@@ -225,6 +225,17 @@ def _worker(out: Path) -> None:
 
     part("unequal-batch", unequal)
 
+    def packed():
+        reg = DataRegularizer(model(), frac=FRAC)
+        g = shard(general[0], rank, world)
+        if rank == 1:   # one rank packs: the gathered flags refuse it on both
+            g = {k: v for k, v in g.items() if k != "attention_mask"}
+            pos = torch.arange(g["input_ids"].shape[1]).repeat(g["input_ids"].shape[0], 1)
+            g["position_ids"] = torch.where(pos < 3, pos, pos - 3)
+        return {"raised": _errors(lambda: reg.backward(g, shard(target[0], rank, world)))}
+
+    part("packed", packed)
+
     def ddp():
         wrapped = torch.nn.parallel.DistributedDataParallel(model())
         return {"raised": _errors(lambda: DataRegularizer(wrapped))}
@@ -371,6 +382,11 @@ def test_mismatched_configs_fail_on_every_rank(ranks):
 def test_unequal_batch_sizes_fail_on_every_rank(ranks):
     raised = [g["raised"] for g in part(ranks, "unequal-batch")]
     assert all(r is not None and "different number of rows on each rank ([4, 3])" in r for r in raised), raised
+
+
+def test_packed_batch_fails_on_every_rank(ranks):
+    raised = [g["raised"] for g in part(ranks, "packed")]
+    assert all(r is not None and "rank(s) [1] passed a packed" in r for r in raised), raised
 
 
 def test_ddp_wrapped_model_is_refused(ranks):

@@ -8,13 +8,15 @@ are taken only when gradients are assembled (METHOD §1.6).
 A packed (padding-free) batch has ``position_ids`` restarting at each sequence (and/or the
 flash-attention ``cu_seq_lens_q/k``) and no ``attention_mask``; then a sample is one sequence
 (:mod:`drpost.packing`) and no token predicts across a sequence boundary. Every other key the
-model's forward accepts is passed on unchanged; one it does not accept is an error.
+model's forward accepts is passed on unchanged (the others are for ``loss_fn``); a key that
+cannot follow the rows of a merged batch is an error.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import inspect
+import typing
 import warnings
 
 import torch
@@ -129,6 +131,8 @@ def merge_batches(general: dict, target: dict, pad_id: int = 0) -> dict:
         if "cu_seq_lens_q" in general or "cu_seq_lens_q" in target:
             cu, longest = layout.cu_seq_lens(merged["input_ids"].device)
             merged.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        if "seq_idx" in general or "seq_idx" in target:     # the sample of every token
+            merged["seq_idx"] = layout.sample_of.to(torch.int32)
     else:
         merged["attention_mask"] = torch.cat([pad(general["attention_mask"], 0), pad(target["attention_mask"], 0)])
     for key in general.keys() & target.keys() - internal:
@@ -174,26 +178,30 @@ def logits_of(output) -> torch.Tensor:
 
 
 def forward_kwargs(model, batch: dict) -> dict:
-    """Every batch key but ``labels`` for the model's forward; a key it does not accept is an error."""
-    keys = [k for k in batch if k != "labels" and not k.startswith("_")]
+    """Every batch key the model's forward accepts, ``labels`` excepted (drpost computes the loss).
+    The other keys stay in the batch for ``loss_fn`` (e.g. token weights, RL advantages)."""
     params = _forward_params(model)
-    if params is not None:
-        unknown = [k for k in keys if k not in params]
-        if unknown:
-            raise ValueError(f"batch key(s) {unknown} are not arguments of {type(model).__name__}.forward, so "
-                             "drpost cannot pass them on; remove them from the batch")
-    return {k: batch[k] for k in keys}
+    return {k: v for k, v in batch.items()
+            if k != "labels" and not k.startswith("_") and (params is None or k in params)}
 
 
 def _forward_params(model) -> set | None:
-    """The forward's named arguments (a PEFT model's base model's), or None if it takes **kwargs."""
+    """The keyword names the forward accepts (a PEFT model's: its base model's; a ``**kwargs:
+    Unpack[TypedDict]`` adds the TypedDict's keys), or None if it takes any keyword."""
     base = model
     while hasattr(base, "get_base_model") and base is not base.get_base_model():
         base = base.get_base_model()
-    sig = inspect.signature(base.forward)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
-        return None
-    return set(sig.parameters)
+    names = set()
+    for p in inspect.signature(base.forward).parameters.values():
+        if p.kind is not inspect.Parameter.VAR_KEYWORD:
+            names.add(p.name)
+            continue
+        typed = typing.get_args(p.annotation)
+        keys = getattr(typed[0], "__optional_keys__", None) if typed else None
+        if keys is None:
+            return None
+        names |= set(keys) | set(typed[0].__required_keys__)
+    return names
 
 
 def _accepts(model, name: str) -> bool:

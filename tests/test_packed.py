@@ -216,3 +216,28 @@ def test_trl_padding_free_collator():
     assert {"position_ids", "cu_seq_lens_q", "max_length_q"} <= set(batch)
     got = run((batch, padded_batch(LENGTHS_T, 2)), "layerwise", target_strategy="merged")
     agree(got, run((padded, padded_batch(LENGTHS_T, 2)), "layerwise", target_strategy="merged"))
+
+
+def test_capture_target_in_chunks():
+    """Separate strategy, the target captured in chunks of one packed row (layouts per chunk)."""
+    DataRegularizer = import_engine()
+    out = []
+    for general, target in ((packed_batch(LENGTHS_G, 1), packed_batch(LENGTHS_T, 2)),
+                            (padded_batch(LENGTHS_G, 1), padded_batch(LENGTHS_T, 2))):
+        model = mt.llama(num_layers=2, seed=3)
+        reg = DataRegularizer(model, feasible_set="layerwise", frac=0.5, target_strategy="separate")
+        reg.capture_target(target, chunk_size=1)
+        stats = reg.backward(general)
+        out.append((O.grads_of(model), {n: m.clone() for n, m in reg.last_masks.items()}, stats.to_dict()))
+        reg.detach()
+    agree(*out)
+
+
+def test_unpacked_layout_is_the_identity():
+    from drpost.packing import layout_of
+    b = padded_batch(LENGTHS_G, 1)
+    x = torch.randn(5, b["input_ids"].shape[1], 3)
+    lay = layout_of(b)
+    assert lay.identity and lay.samples(x) is x
+    b["position_ids"] = torch.arange(b["input_ids"].shape[1]).expand(5, -1)
+    assert layout_of(b).identity

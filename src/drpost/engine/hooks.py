@@ -30,8 +30,9 @@ _CONTAINERS = (torch.nn.ParameterDict, torch.nn.ParameterList)
 class Sink(Protocol):
     """What the hooks hand their work to (:class:`drpost.engine.pipeline.Pipeline`). Its ``step``
     (:class:`~drpost.engine.state.StepState`) says whether the hooks are active (``mode``: None =
-    idle, "merged" | "capture" | "general"), how many rows the running forward has (``rows``) and
-    how many of them are general rows (``n_general``, the first ones)."""
+    idle, "merged" | "capture" | "general"), how many rows the running forward has (``rows``), how
+    many of its samples are general (``n_general``, the first ones) and its sample ``layout``
+    (a packed row holds several samples; :mod:`drpost.packing`)."""
     step: object
 
     def phase(self, name: str): ...

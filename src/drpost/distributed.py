@@ -138,31 +138,6 @@ def is_ddp(model) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
-FSDP_UNSUPPORTED = (
-    "drpost does not support FSDP (fully_shard / FullyShardedDataParallel) yet: drpost computes each scored "
-    "layer's weight gradient itself from the layer's input activations and output gradients and writes the full "
-    "(unsharded) .grad at the end of the step, while FSDP keeps every parameter as a sharded DTensor, frees the "
-    "unsharded weight after forward and reduce-scatters gradients from its own post-backward hooks, which never "
-    "see drpost's gradients. Mixing them would train on unsynchronised or wrongly-sharded gradients. Use plain "
-    "torchrun data parallelism (the unwrapped model on every rank: drpost reduces the chosen gradients itself), "
-    "LoRA to fit a larger model, or train without FSDP.")
-
-
-def is_fsdp(model) -> bool:
-    """True for an FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``) model or sub-module."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # a torch build without distributed
-        return False
-    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
-        return True
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # configuration check
 

@@ -90,13 +90,17 @@ class DistContext:
             else:
                 start(False)
         except RuntimeError as err:
-            timed_out = "timed out" in str(err).lower() or "timeout" in str(err).lower()
-            cause = (f"no answer within {self.timeout_s:g} s" if timed_out
-                     else f"it failed: {str(err).splitlines()[0][:300]}")
-            raise DistributedFaultError(
-                f"drpost rank {self.rank} of {self.world}: the {what} collective did not complete ({cause}). "
-                "Another rank has crashed, was killed or hangs; this rank stops instead of waiting forever. "
-                f"Check the other ranks' logs (the limit is {TIMEOUT_ENV}, in seconds).") from err
+            raise self.fault(f"the {what} collective", err) from err
+
+    def fault(self, what: str, err: BaseException) -> DistributedFaultError:
+        """The error that ends this rank when ``what`` (a collective, or FSDP's) failed with ``err``."""
+        timed_out = "timed out" in str(err).lower() or "timeout" in str(err).lower()
+        cause = (f"no answer within {self.timeout_s:g} s" if timed_out
+                 else f"it failed: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}")
+        return DistributedFaultError(
+            f"drpost rank {self.rank} of {self.world}: {what} did not complete ({cause}). "
+            "Another rank has crashed, was killed or hangs; this rank stops instead of waiting forever. "
+            f"Check the other ranks' logs (the limit is {TIMEOUT_ENV}, in seconds).")
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[n, ...] on every rank (same shape everywhere) -> [world * n, ...] in rank order."""

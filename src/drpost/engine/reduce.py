@@ -30,6 +30,11 @@ class LocalReduction:
     def check_ranks(self, fingerprint: dict, options) -> None:
         """Distributed: every rank has the same options and layers (one process: nothing to do)."""
 
+    def fault_of(self, err: BaseException):
+        """The error to raise instead of ``err`` when it is a collective run by someone else (FSDP's)
+        failing because another rank died; None to let ``err`` through."""
+        return None
+
     # ------------------------------------------------------------------ before the forward
     def require_target(self, target, needs_target: bool, options) -> None:
         if target is None and needs_target:

@@ -121,6 +121,16 @@ class ShardedReduction(DistributedReduction):
         super().__init__(ctx, pad_token_id, warn)
         self.divide = _divide_factors(units, ctx.world)
 
+    def fault_of(self, err: BaseException):
+        """FSDP's own all-gathers and reduce-scatters fail with the backend's error when a rank dies."""
+        if isinstance(err, _dist.DistributedFaultError) or not isinstance(err, RuntimeError):
+            return None
+        text = str(err).lower()
+        if isinstance(err, getattr(dist, "DistBackendError", ())) or \
+                any(w in text for w in ("gloo", "nccl", "connection", "timed out", "broken pipe")):
+            return self.ctx.fault("one of FSDP's collectives (all-gather or reduce-scatter)", err)
+        return None
+
     def finalize(self, pipeline, att, where: str) -> None:
         ctx, step, options = self.ctx, pipeline.step, pipeline.options
         groups = [g for g in att.groups if g.count is not None]

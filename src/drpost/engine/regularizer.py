@@ -233,8 +233,11 @@ class DataRegularizer:
                         passes.capture(target)
                     if not self._pipeline.step.skip:
                         passes.general(general)
-        except BaseException:
+        except BaseException as err:
             self._pipeline.new_step()
+            fault = self._reduction.fault_of(err)
+            if fault is not None:
+                raise fault from err
             raise
         return stats if not finalize else self._finish_call(stats)
 

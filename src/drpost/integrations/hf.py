@@ -164,10 +164,17 @@ class DrPostTrainer(CrashSafeCheckpoints, Trainer):
         DistributedDataParallel. transformers 5 wraps it inside ``accelerator.prepare`` ->
         ``Accelerator.prepare_model``; call that with ``evaluation_mode=True``, which keeps device
         placement and the autocast ``forward`` and skips only the DDP wrapper."""
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError("DrPostTrainer does not support FSDP or DeepSpeed: drpost needs every rank to hold "
-                             "the whole model (it reduces the chosen gradients itself); use plain torchrun data "
-                             "parallelism")
+        if self.is_deepspeed_enabled:
+            raise ValueError("DrPostTrainer does not support DeepSpeed: its engine owns the backward and the "
+                             "gradient partitions, which drpost writes itself; use FSDP2 (fsdp='full_shard', "
+                             "fsdp_config={'version': 2}) or plain torchrun data parallelism")
+        if self.is_fsdp_enabled:
+            version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+            if version != 2:
+                raise ValueError(f"DrPostTrainer supports FSDP2 only (fsdp_config version {version} given): FSDP1 "
+                                 "flattens the layers' parameters, which drpost scores one by one; set "
+                                 "fsdp_config={'version': 2}")
+            return   # accelerate applies fully_shard; the engine reduce-scatters the chosen gradients
         if self.args.n_gpu > 1:
             raise NotImplementedError("DrPostTrainer does not support nn.DataParallel (several GPUs in one "
                                       "process): launch one process per GPU with torchrun")

@@ -148,6 +148,30 @@ def halves_of(general):
     return out
 
 
+def hf_rows(n, seed, seq=12):
+    b = mt.make_batch(n, seq, seed)
+    return [{k: v[i] for k, v in b.items()} for i in range(n)]
+
+
+def run_hf(out_dir: str, per_device: int, sharded: bool, resume=None, steps: int = 4):
+    """DrPostTrainer, 4 steps, a checkpoint every 2; ``sharded``: the model is fully_shard-ed first."""
+    from drpost.integrations import DrPostArguments, DrPostTrainer
+
+    args = DrPostArguments(output_dir=out_dir, use_cpu=True, report_to=[], per_device_train_batch_size=per_device,
+                           learning_rate=1e-2, max_steps=steps, logging_steps=1, save_strategy="steps",
+                           save_steps=2, seed=0, disable_tqdm=True, dataloader_num_workers=0, target_batch_size=4,
+                           frac=0.5, target_strategy="separate")
+    args.world_size      # initialises the process group under torchrun
+    m = model()
+    if sharded:
+        shard_model(m)
+    t = DrPostTrainer(model=m, args=args, train_dataset=hf_rows(32, seed=11), target_dataset=hf_rows(16, seed=12))
+    t.train(resume_from_checkpoint=resume)
+    return {"params": {n: full(p.detach()).clone() for n, p in m.named_parameters()},
+            "reduction": type(t.regularizer._reduction).__name__,
+            "losses": [r["loss"] for r in t.state.log_history if "loss" in r]}
+
+
 def _errors(fn):
     try:
         fn()
@@ -191,6 +215,19 @@ def _worker(out: Path) -> None:
     part("mixed-precision", lambda: run(dict(feasible_set="layerwise"), general, target, rank, world,
                                         mp_policy=dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
                                         dtype=torch.float32))
+    def hf():
+        import shutil
+
+        import torch.distributed as dist
+
+        first = run_hf(str(out / "hf"), 4, sharded=True)
+        if rank == 0:
+            shutil.copytree(out / "hf" / "checkpoint-2", out / "hf-resumed" / "checkpoint-2")
+        dist.barrier()
+        resumed = run_hf(str(out / "hf-resumed"), 4, sharded=True, resume=True)
+        return {"first": first, "resumed": resumed}
+
+    part("hf", hf)
     part("greedy", lambda: {"raised": _errors(lambda: DataRegularizer(shard_model(model()),
                                                                        feasible_set="greedy"))})
 
@@ -308,6 +345,20 @@ def test_fsdp2_mixed_precision(ranks, data):
     for name, p in got[0]["params"].items():
         assert p.dtype == torch.float32 and got[0]["grads"][name].dtype == torch.float32, name
         assert torch.isfinite(p).all() and torch.equal(p, got[1]["params"][name]), name
+
+
+def test_hf_trainer_on_a_sharded_model_equals_one_process_and_resumes_exactly(ranks, tmp_path):
+    """DrPostTrainer given a fully_shard-ed model (2 ranks x 4 rows): the single-process run on 8 rows
+    per step; checkpoints gather the full state on every rank, and a run resumed from step 2 ends
+    exactly where the uninterrupted one does."""
+    got = part(ranks, "hf")
+    ref = run_hf(str(tmp_path / "ref"), 8, sharded=False)
+    for g in got:
+        assert g["first"]["reduction"] == "ShardedReduction"
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(g["first"]["params"][name], p, rtol=1e-9, atol=1e-12)
+            assert torch.equal(g["resumed"]["params"][name], g["first"]["params"][name]), name
+    assert ranks[0]["hf"]["resumed"]["losses"][-2:] == ranks[0]["hf"]["first"]["losses"][-2:]
 
 
 def test_greedy_refused_when_sharded(ranks):

@@ -94,6 +94,7 @@ from ..batch import IGNORE_INDEX
 from ..engine import DataRegularizer, NonFiniteError, OptionError
 from ..training_options import DrPostTrainingOptions, check_int
 from .checkpoints import DRPOST_STATE_NAME, CrashSafeCheckpoints, _checkpoint_step
+from .sharded_checkpoints import ShardedCheckpoints
 from .target_sampler import TargetSampler
 
 __all__ = ["DrPostArguments", "DrPostTrainer", "TargetSampler", "DRPOST_STATE_NAME"]
@@ -130,7 +131,7 @@ class DrPostArguments(TrainingArguments, DrPostTrainingOptions):
         TrainingArguments.__post_init__(self)
 
 
-class DrPostTrainer(CrashSafeCheckpoints, Trainer):
+class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
     """A ``transformers.Trainer`` whose backward is ``DataRegularizer.backward``.
 
     Args (besides the Trainer's own):

@@ -59,16 +59,24 @@ class ShardedCheckpoints:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
         from transformers.utils import SAFE_WEIGHTS_NAME
 
-        path = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{resume_from_checkpoint} has no {SAFE_WEIGHTS_NAME}: a sharded model resumes "
-                                    "from the single-file full state DrPostTrainer writes")
-        state = load_file(path)
-        result = set_model_state_dict(self.model, state, options=_options(strict=False))
-        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=True)}
-        missing = [k for k in result.missing_keys if k in tied]
+        names = (SAFE_WEIGHTS_NAME, "adapter_model.safetensors")     # a full model, or a PEFT adapter
+        path = next((os.path.join(resume_from_checkpoint, n) for n in names
+                     if os.path.isfile(os.path.join(resume_from_checkpoint, n))), None)
+        if path is None:
+            raise FileNotFoundError(f"{resume_from_checkpoint} has neither {' nor '.join(names)}: a sharded model "
+                                    "resumes from the single-file full state DrPostTrainer writes")
+        saved = load_file(path)
+        adapter = getattr(self.model, "active_adapter", None)
+        state, missing = {}, []
+        for name, p in self.model.named_parameters():
+            key = name if name in saved else name.replace(f".{adapter}.", ".") if adapter else name
+            if key in saved:
+                state[name] = saved[key]
+            elif p.requires_grad:
+                missing.append(name)
         if missing:
-            raise ValueError(f"{path} lacks {missing[:5]}: not a checkpoint of this model")
+            raise ValueError(f"{path} lacks the trainable parameters {missing[:5]}: not a checkpoint of this model")
+        set_model_state_dict(self.model, state, options=_options(strict=False))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None or not is_presharded(self):

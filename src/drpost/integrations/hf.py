@@ -56,7 +56,7 @@ How the pieces map onto the Trainer (transformers 5):
   ``report_to`` integration (TensorBoard shows them under ``train/``).
 
 Several processes (``torchrun``, one general shard per rank; gradient checkpointing is refused by
-the engine with a clear error):
+the engine with a clear error; FSDP2: see below):
 
 * **No DDP.** The regularizer reduces the gradients itself (``drpost.distributed``): it gathers the
   scores for one global selection and all-reduces the chosen, token-normalised gradient, so every
@@ -64,7 +64,8 @@ the engine with a clear error):
   (drpost writes them after autograd's backward), so the model must not be wrapped: in transformers
   5 the wrapping happens in ``accelerator.prepare(model, optimizer)`` -> ``Accelerator.prepare_model``,
   which DrPostTrainer calls with ``evaluation_mode=True`` (device placement and the mixed-precision
-  ``forward`` are still applied; only the DDP wrapper is skipped). FSDP and DeepSpeed are refused.
+  ``forward`` are still applied; only the DDP wrapper is skipped). FSDP2 (a pre-sharded model, or
+  accelerate's FSDP2 plugin) is supported (:mod:`drpost.engine.reduce_fsdp`); FSDP1 and DeepSpeed are refused.
 * **Scaling.** Nothing is scaled per rank: each rank accumulates raw token sums of its chosen
   samples, the engine sums them over the ranks and divides by the global chosen-token counts, which
   is the single-process update on the concatenated batch. Gradient clipping and the optimizer then

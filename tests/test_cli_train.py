@@ -151,3 +151,31 @@ def test_train_under_torchrun_matches_one_process(tmp_path):
     assert len(losses[1]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     assert len(list((tmp_path / "two" / "tiny_test" / "tensorboard").glob("events.*"))) == 1
     assert proc.stdout.count("drpost train:") == 1  # the banner from rank 0 only
+
+
+def test_train_fsdp_under_torchrun_matches_one_process_and_resumes(tmp_path):
+    """`train.fsdp: true`: the model (LoRA on the 1-layer SmolLM2) is fully_shard-ed over 2 ranks;
+    2 steps, a checkpoint, --resume to 4 steps: the same losses and final perplexity as one
+    unsharded process with the whole batch."""
+    common = ["train", TINY, "--train.bf16", "false", "--train.save_steps", "2", "--train.eval_every", "0",
+              "--eval.n_test", "2", "--eval.max_new_tokens", "4", *QUIET]
+    assert main(common + ["--train.steps", "4", "--train.batch_size", "4", "--output_dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for steps, extra in (("2", []), ("4", ["--resume"])):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                               "-m", "drpost.cli", *common, "--train.fsdp", "true", "--train.steps", steps,
+                               "--train.batch_size", "2", "--output_dir", str(tmp_path / "two"), *extra],
+                              capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "tiny_test" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "tiny_test" / "metrics.json").read_text())
+    assert two["resumed_from"] and two["steps"] == 4
+    assert two["final"]["test_ppl"] == pytest.approx(one["final"]["test_ppl"], rel=1e-4)
+    losses = [[h["loss"] for h in m["history"]["train"]] for m in (one, two)]
+    assert losses[1][-2:] == pytest.approx(losses[0][-2:], rel=1e-4)
+
+
+def test_train_fsdp_needs_several_processes(tmp_path, capsys):
+    assert main(["train", TINY, "--train.fsdp", "true", "--train.steps", "1", "--output_dir", str(tmp_path),
+                 *QUIET]) == 2
+    assert "train.fsdp: true shards the model over several processes" in capsys.readouterr().err

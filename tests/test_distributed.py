@@ -431,8 +431,9 @@ def test_single_process_is_untouched():
         DataRegularizer(model(), distributed=True)
 
 
-def test_fsdp2_model_is_refused_with_the_reason(tmp_path):
-    """FSDP2 (fully_shard, CPU mesh of one gloo rank): a clear error instead of silently wrong gradients."""
+def test_fsdp2_one_rank_equals_the_unsharded_model(tmp_path):
+    """FSDP2 (fully_shard per decoder layer and the root, CPU mesh of one gloo rank): the gradients
+    land as DTensors and equal those of the unsharded model (2 ranks: tests/test_fsdp.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -440,15 +441,21 @@ def test_fsdp2_model_is_refused_with_the_reason(tmp_path):
 
     import torch.distributed as dist
 
+    general, target = mt.make_batch(4, SEQ, seed=5), mt.make_batch(2, SEQ, seed=6)
+    ref = model()
+    DataRegularizer(ref, feasible_set="layerwise", frac=FRAC).backward(general, target)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = mt.llama(num_layers=1)
+        sharded = model()
         mesh = init_device_mesh("cpu", (1,))
-        for layer in model.model.layers:
+        for layer in sharded.model.layers:
             fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        for target in (model, model.model.layers[0]):
-            with pytest.raises(ValueError, match="does not support FSDP.*reduce-scatters.*plain torchrun"):
-                DataRegularizer(target, feasible_set="layerwise")
+        fully_shard(sharded, mesh=mesh)
+        reg = DataRegularizer(sharded, feasible_set="layerwise", frac=FRAC)
+        assert reg.distributed
+        reg.backward(general, target)
+        for (name, p), q in zip(ref.named_parameters(), sharded.parameters()):
+            assert type(q.grad).__name__ == "DTensor", name
+            torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-9, atol=1e-12)
     finally:
         dist.destroy_process_group()

@@ -26,14 +26,32 @@ LIMIT_S = 90          # per launch: both ranks, imports included
 
 
 def _engine_steps(rank: int, fault: str) -> dict:
-    """Four distributed drpost steps; rank 1 dies (SIGKILL) or hangs at the third."""
+    """Four distributed drpost steps; rank 1 dies (SIGKILL) or hangs at the third. ``fsdp-crash``:
+    the model is FSDP2-sharded and rank 1 dies inside the third step's backward."""
     from drpost import DataRegularizer
 
-    model = mt.llama(tied=True, seed=1)
-    reg = DataRegularizer(model, feasible_set="layerwise", frac=0.5, distributed=True)
+    model = mt.llama(tied=True, seed=1, num_layers=2)
+    if fault.startswith("fsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        state = {"step": 0}
+
+        def die(module, grad_in, grad_out):
+            if rank == 1 and state["step"] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        model.model.layers[1].mlp.register_full_backward_hook(die)
+    reg = DataRegularizer(model, feasible_set="layerwise", frac=0.5, distributed=True,
+                          target_strategy="separate" if fault.startswith("fsdp") else "merged")
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for step in range(4):
-        if rank == 1 and step == 2:
+        if fault.startswith("fsdp"):
+            state["step"] = step
+        elif rank == 1 and step == 2:
             if fault == "crash":
                 os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(600)                          # "hang": never reaches the collective
@@ -171,6 +189,14 @@ def test_a_hanging_rank_ends_the_job_after_the_collective_timeout(tmp_path):
     assert fault["step"] == 2 and fault["error"] == "DistributedFaultError", fault
     assert "no answer within 4 s" in fault["message"] and "DRPOST_COLLECTIVE_TIMEOUT" in fault["message"]
     assert 3.5 < fault["waited_s"] < 30, fault
+
+
+def test_a_rank_killed_inside_an_fsdp2_backward_ends_the_job_with_a_clear_error(tmp_path):
+    res, _ = launch(tmp_path, "fsdp-crash", timeout_env="60")
+    fault = res["fault"]
+    assert fault["step"] == 2 and fault["error"] == "DistributedFaultError", fault
+    assert "rank 0 of 2" in fault["message"] and "crashed, was killed or hangs" in fault["message"]
+    assert fault["waited_s"] < 30, fault
 
 
 def test_collective_timeout_setting(monkeypatch):

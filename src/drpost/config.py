@@ -125,6 +125,7 @@ class TrainConfig:
     logging_steps: int = 1  # log the training loss and selection statistics every N steps
     seed: int = 0
     threads: Optional[int] = None  # torch.set_num_threads (None: leave as is)
+    fsdp: bool = False  # shard the model with FSDP2 (fully_shard per decoder layer, then the root); torchrun only
 
 
 @dataclass

@@ -90,13 +90,17 @@ class DistContext:
             else:
                 start(False)
         except RuntimeError as err:
-            timed_out = "timed out" in str(err).lower() or "timeout" in str(err).lower()
-            cause = (f"no answer within {self.timeout_s:g} s" if timed_out
-                     else f"it failed: {str(err).splitlines()[0][:300]}")
-            raise DistributedFaultError(
-                f"drpost rank {self.rank} of {self.world}: the {what} collective did not complete ({cause}). "
-                "Another rank has crashed, was killed or hangs; this rank stops instead of waiting forever. "
-                f"Check the other ranks' logs (the limit is {TIMEOUT_ENV}, in seconds).") from err
+            raise self.fault(f"the {what} collective", err) from err
+
+    def fault(self, what: str, err: BaseException) -> DistributedFaultError:
+        """The error that ends this rank when ``what`` (a collective, or FSDP's) failed with ``err``."""
+        timed_out = "timed out" in str(err).lower() or "timeout" in str(err).lower()
+        cause = (f"no answer within {self.timeout_s:g} s" if timed_out
+                 else f"it failed: {str(err).splitlines()[0][:300] if str(err) else type(err).__name__}")
+        return DistributedFaultError(
+            f"drpost rank {self.rank} of {self.world}: {what} did not complete ({cause}). "
+            "Another rank has crashed, was killed or hangs; this rank stops instead of waiting forever. "
+            f"Check the other ranks' logs (the limit is {TIMEOUT_ENV}, in seconds).")
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[n, ...] on every rank (same shape everywhere) -> [world * n, ...] in rank order."""
@@ -136,31 +140,6 @@ def resolve(process_group=None, distributed: bool | None = None, device=None) ->
 
 def is_ddp(model) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
-
-
-FSDP_UNSUPPORTED = (
-    "drpost does not support FSDP (fully_shard / FullyShardedDataParallel) yet: drpost computes each scored "
-    "layer's weight gradient itself from the layer's input activations and output gradients and writes the full "
-    "(unsharded) .grad at the end of the step, while FSDP keeps every parameter as a sharded DTensor, frees the "
-    "unsharded weight after forward and reduce-scatters gradients from its own post-backward hooks, which never "
-    "see drpost's gradients. Mixing them would train on unsynchronised or wrongly-sharded gradients. Use plain "
-    "torchrun data parallelism (the unwrapped model on every rank: drpost reduces the chosen gradients itself), "
-    "LoRA to fit a larger model, or train without FSDP.")
-
-
-def is_fsdp(model) -> bool:
-    """True for an FSDP2 (``fully_shard``) or FSDP1 (``FullyShardedDataParallel``) model or sub-module."""
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    except ImportError:  # a torch build without distributed
-        return False
-    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
-        return True
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------

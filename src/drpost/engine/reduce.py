@@ -12,7 +12,8 @@ answer the same questions at the same points of a step:
 * per decision: which samples are chosen (:meth:`choose`);
 * at the end: the division by the chosen-token counts and the ``.grad`` writes (:meth:`finalize`).
 
-Nothing outside this module branches on "distributed". FSDP would be a third reduction.
+Nothing outside this module branches on "distributed". An FSDP2-sharded model gets the third
+reduction, :class:`drpost.engine.reduce_fsdp.ShardedReduction` (gradients reduce-scattered to shards).
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ class LocalReduction:
 
     def check_ranks(self, fingerprint: dict, options) -> None:
         """Distributed: every rank has the same options and layers (one process: nothing to do)."""
+
+    def fault_of(self, err: BaseException):
+        """The error to raise instead of ``err`` when it is a collective run by someone else (FSDP's)
+        failing because another rank died; None to let ``err`` through."""
+        return None
 
     # ------------------------------------------------------------------ before the forward
     def require_target(self, target, needs_target: bool, options) -> None:
@@ -223,7 +229,14 @@ class DistributedReduction(LocalReduction):
         _age_target(pipeline)
 
 
-def make_reduction(process_group, distributed, device, pad_token_id: int, warn) -> LocalReduction:
+def make_reduction(model, process_group, distributed, device, pad_token_id: int, warn) -> LocalReduction:
+    """One process, data parallelism (``torchrun``, unwrapped model) or an FSDP2-sharded model."""
+    from . import reduce_fsdp
+
+    units = reduce_fsdp.fsdp_modules(model)
+    if units or any(reduce_fsdp.is_dtensor(p) for p in model.parameters()):
+        ctx = reduce_fsdp.sharded_context(model, units, process_group, distributed, device)
+        return reduce_fsdp.ShardedReduction(ctx, pad_token_id, warn, model, units)
     ctx = _dist.resolve(process_group, distributed, device)
     return LocalReduction() if ctx is None else DistributedReduction(ctx, pad_token_id, warn)
 

@@ -32,6 +32,7 @@ from .options import DrPostOptions, option_names, overrides_of
 from .passes import Passes
 from .pipeline import Pipeline
 from .reduce import make_reduction
+from .reduce_fsdp import refuse_fsdp1
 from .state import StepStats, TargetState
 
 
@@ -71,8 +72,7 @@ class DataRegularizer:
                              "(ddp_model.module). drpost all-reduces the chosen gradients itself after its "
                              "backward, which DDP's reducer never sees (the scored layers' gradients are "
                              "written by drpost, not by autograd)")
-        if _dist.is_fsdp(model):
-            raise ValueError(_dist.FSDP_UNSUPPORTED)
+        refuse_fsdp1(model)
         self.options = opts = overrides_of(options, **overrides)
         self.model, self.loss_fn = model, loss_fn
         self.pad_token_id = pad_token_id if pad_token_id is not None else \
@@ -85,7 +85,7 @@ class DataRegularizer:
         self._generator = torch.Generator().manual_seed(opts.seed)
         self.steps_finalized = 0         # optimisation steps finished by this regularizer (error messages)
         self._target = TargetState()
-        self._reduction = make_reduction(process_group, distributed, model_device(model), self.pad_token_id,
+        self._reduction = make_reduction(model, process_group, distributed, model_device(model), self.pad_token_id,
                                          self._warn)
         self._pipeline = Pipeline(opts, scoring_cfg, self._reduction, self._target, self._generator, self._warn)
         self._passes = Passes(model, loss_fn, self.pad_token_id, self._pipeline, self._reduction)
@@ -233,8 +233,11 @@ class DataRegularizer:
                         passes.capture(target)
                     if not self._pipeline.step.skip:
                         passes.general(general)
-        except BaseException:
+        except BaseException as err:
             self._pipeline.new_step()
+            fault = self._reduction.fault_of(err)
+            if fault is not None:
+                raise fault from err
             raise
         return stats if not finalize else self._finish_call(stats)
 

@@ -56,7 +56,7 @@ How the pieces map onto the Trainer (transformers 5):
   ``report_to`` integration (TensorBoard shows them under ``train/``).
 
 Several processes (``torchrun``, one general shard per rank; gradient checkpointing is refused by
-the engine with a clear error):
+the engine with a clear error; FSDP2: see below):
 
 * **No DDP.** The regularizer reduces the gradients itself (``drpost.distributed``): it gathers the
   scores for one global selection and all-reduces the chosen, token-normalised gradient, so every
@@ -64,7 +64,8 @@ the engine with a clear error):
   (drpost writes them after autograd's backward), so the model must not be wrapped: in transformers
   5 the wrapping happens in ``accelerator.prepare(model, optimizer)`` -> ``Accelerator.prepare_model``,
   which DrPostTrainer calls with ``evaluation_mode=True`` (device placement and the mixed-precision
-  ``forward`` are still applied; only the DDP wrapper is skipped). FSDP and DeepSpeed are refused.
+  ``forward`` are still applied; only the DDP wrapper is skipped). FSDP2 (a pre-sharded model, or
+  accelerate's FSDP2 plugin) is supported (:mod:`drpost.engine.reduce_fsdp`); FSDP1 and DeepSpeed are refused.
 * **Scaling.** Nothing is scaled per rank: each rank accumulates raw token sums of its chosen
   samples, the engine sums them over the ranks and divides by the global chosen-token counts, which
   is the single-process update on the concatenated batch. Gradient clipping and the optimizer then
@@ -94,6 +95,7 @@ from ..batch import IGNORE_INDEX
 from ..engine import DataRegularizer, NonFiniteError, OptionError
 from ..training_options import DrPostTrainingOptions, check_int
 from .checkpoints import DRPOST_STATE_NAME, CrashSafeCheckpoints, _checkpoint_step
+from .sharded_checkpoints import ShardedCheckpoints
 from .target_sampler import TargetSampler
 
 __all__ = ["DrPostArguments", "DrPostTrainer", "TargetSampler", "DRPOST_STATE_NAME"]
@@ -130,7 +132,7 @@ class DrPostArguments(TrainingArguments, DrPostTrainingOptions):
         TrainingArguments.__post_init__(self)
 
 
-class DrPostTrainer(CrashSafeCheckpoints, Trainer):
+class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
     """A ``transformers.Trainer`` whose backward is ``DataRegularizer.backward``.
 
     Args (besides the Trainer's own):
@@ -164,10 +166,17 @@ class DrPostTrainer(CrashSafeCheckpoints, Trainer):
         DistributedDataParallel. transformers 5 wraps it inside ``accelerator.prepare`` ->
         ``Accelerator.prepare_model``; call that with ``evaluation_mode=True``, which keeps device
         placement and the autocast ``forward`` and skips only the DDP wrapper."""
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise ValueError("DrPostTrainer does not support FSDP or DeepSpeed: drpost needs every rank to hold "
-                             "the whole model (it reduces the chosen gradients itself); use plain torchrun data "
-                             "parallelism")
+        if self.is_deepspeed_enabled:
+            raise ValueError("DrPostTrainer does not support DeepSpeed: its engine owns the backward and the "
+                             "gradient partitions, which drpost writes itself; use FSDP2 (fsdp='full_shard', "
+                             "fsdp_config={'version': 2}) or plain torchrun data parallelism")
+        if self.is_fsdp_enabled:
+            version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+            if version != 2:
+                raise ValueError(f"DrPostTrainer supports FSDP2 only (fsdp_config version {version} given): FSDP1 "
+                                 "flattens the layers' parameters, which drpost scores one by one; set "
+                                 "fsdp_config={'version': 2}")
+            return   # accelerate applies fully_shard; the engine reduce-scatters the chosen gradients
         if self.args.n_gpu > 1:
             raise NotImplementedError("DrPostTrainer does not support nn.DataParallel (several GPUs in one "
                                       "process): launch one process per GPU with torchrun")

@@ -22,7 +22,9 @@ class RowRestrictedRule:
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
-        self.params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
 
     def capture_input(self, args, kwargs):
         if len(args) != 1 or kwargs:
@@ -43,5 +45,8 @@ class RowRestrictedRule:
         if general_rows is not None:
             dg = d.clone()
             dg[general_rows:] = 0
-        grads = torch.autograd.grad(y, self.params, dg, allow_unused=True)
-        return grad_x, {p: (g if g is not None else torch.zeros_like(p)) for p, g in zip(self.params, grads)}
+        # the module's parameters as its forward used them: under FSDP2 the unsharded tensors, not the
+        # sharded ones in self.params (which key the result)
+        used = [getattr(self.module, n) for n in self.names]
+        grads = torch.autograd.grad(y, used, dg, allow_unused=True)
+        return grad_x, {p: (g if g is not None else torch.zeros_like(u)) for p, u, g in zip(self.params, used, grads)}

@@ -96,6 +96,13 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
                                   attn_implementation=cfg.model.attn_implementation)
     data = build_sft_data(cfg, tokenizer) if data is None else data
     model = prepare_trainable(model, cfg)
+    if cfg.train.fsdp:
+        if ranks.world < 2:
+            raise ValueError("train.fsdp: true shards the model over several processes: launch with torchrun "
+                             "--nproc-per-node N (N >= 2), or set train.fsdp: false")
+        from ..fsdp import shard_model
+
+        shard_model(model)
     run_dir = cfg.run_dir
     if ranks.main:
         make_run_dir(cfg, resume, overwrite)
@@ -127,10 +134,18 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
         if cfg.train.save_final:  # every rank calls it; the trainer writes on the main process only
             with clear_disk_errors(run_dir):
                 trainer.save_model(str(run_dir / "final"))
-        if not ranks.main:
+        if not ranks.main and not cfg.train.fsdp:
             return {"rank": ranks.rank, "run_dir": str(run_dir)}
+        # sharded: every rank runs the same generations (each layer's forward all-gathers its shards;
+        # generate() bypasses the root's forward, so the root unit is unsharded around it)
+        if cfg.train.fsdp:
+            trainer.model.unshard()
         final = evaluate_model(trainer.model, tokenizer, data, cfg, n_test=info["n_test"], progress=progress,
                                perplexity_too=False)
+        if cfg.train.fsdp:
+            trainer.model.reshard()
+        if not ranks.main:
+            return {"rank": ranks.rank, "run_dir": str(run_dir)}
         ppl_logs = [h for h in trainer.state.log_history if "eval_ppl" in h]
         final.update(test_loss=ppl_logs[-1]["eval_loss"], test_ppl=ppl_logs[-1]["eval_ppl"],
                      test_tokens=ppl_logs[-1].get("eval_tokens"), step=trainer.state.global_step)

@@ -14,8 +14,6 @@ different lengths is exercised.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -246,38 +244,10 @@ def _worker(out: Path) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, timeout: float = TIMEOUT_S) -> list:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(WORLD),
-               LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    logs = [open(out / f"rank{r}.log", "w") for r in range(WORLD)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(out)], stdout=logs[r], stderr=subprocess.STDOUT,
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(WORLD)]
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        hung = [r for r, p in enumerate(procs) if p.poll() is None]
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        for f in logs:
-            f.close()
-    tails = "\n".join(f"--- rank {r} ---\n" + (out / f"rank{r}.log").read_text()[-3000:] for r in range(WORLD))
-    if hung:
-        raise AssertionError(f"ranks {hung} did not finish within {timeout} s (a hang?)\n{tails}")
-    bad = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if bad:
-        raise AssertionError(f"ranks {bad} failed\n{tails}")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    from dist_launch import launch as start
+
+    return start(__file__, out, timeout, WORLD)
 
 
 if __name__ == "__main__":

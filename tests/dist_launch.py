@@ -46,3 +46,52 @@ def launch(script: str, out: Path, timeout: float, world: int = 2) -> list:
     if bad:
         raise AssertionError(f"ranks {bad} failed\n{tails}")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ---------------------------------------------------------------------------------------------
+# inside a worker, and reading its results
+
+def init_worker(timeout_s: float = 60.0) -> tuple[int, int]:
+    """gloo process group from the launcher's environment, 1 thread; (rank, world)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    return rank, world
+
+
+class Results(dict):
+    """A worker's results by part name; a part that raises records its traceback instead."""
+
+    def __init__(self):
+        super().__init__(timing={})
+
+    def part(self, name: str, fn) -> None:
+        import traceback
+
+        start = time.perf_counter()
+        try:
+            self[name] = fn()
+        except Exception:           # noqa: BLE001 - the parent reports it
+            self[name] = {"error": traceback.format_exc()}
+        self["timing"][name] = time.perf_counter() - start
+
+
+def errors(fn):
+    """``"Type: message"`` of what ``fn()`` raised, None if it did not."""
+    try:
+        fn()
+    except Exception as e:          # noqa: BLE001 - the parent checks the type and message
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def part_of(ranks: list, name: str) -> list:
+    """Every rank's result of part ``name``, failing with the rank's traceback if it raised."""
+    got = [r[name] for r in ranks]
+    for r, g in enumerate(got):
+        assert "error" not in g, f"rank {r}:\n{g['error']}"
+    return got

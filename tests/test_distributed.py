@@ -16,12 +16,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 import models_tiny as mt
+from dist_launch import Results, errors, init_worker, part_of
 
 WORLD = 2
 B, V, SEQ, STEPS, FRAC, LR = 4, 3, 10, 3, 0.5, 0.1
@@ -172,34 +172,15 @@ def run_hf(out_dir: str, per_device: int):
 # ---------------------------------------------------------------------------------------------
 # the workers
 
-def _errors(fn):
-    try:
-        fn()
-    except Exception as e:          # noqa: BLE001 - the parent checks the type and message
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _worker(out: Path) -> None:
-    import datetime
-
     import torch.distributed as dist
     from drpost import DataRegularizer
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    rank, world = init_worker()
     data = torch.load(out / "inputs.pt", weights_only=False)
     general, target = data["general"], data["target"]
-    res: dict = {"timing": {}}
-
-    def part(name, fn):
-        start = time.perf_counter()
-        try:
-            res[name] = fn()
-        except Exception:           # noqa: BLE001
-            res[name] = {"error": traceback.format_exc()}
-        res["timing"][name] = time.perf_counter() - start
+    res = Results()
+    part = res.part
 
     for name, kw in CASES.items():
         part(name, lambda: run_engine(kw, general, target, rank, world))
@@ -210,16 +191,16 @@ def _worker(out: Path) -> None:
                                                  [neg_t] * STEPS, rank, world, frac=1.0))
     part("nan-skip", lambda: run_engine(dict(feasible_set="layerwise", nonfinite="skip"), general, target,
                                         rank, world, nan_step=1))
-    part("nan-error", lambda: {"raised": _errors(lambda: run_engine(dict(feasible_set="layerwise"), general,
+    part("nan-error", lambda: {"raised": errors(lambda: run_engine(dict(feasible_set="layerwise"), general,
                                                                     target, rank, world, nan_step=1))})
-    part("mismatch", lambda: {"raised": _errors(lambda: DataRegularizer(model(), frac=0.5 if rank == 0 else 0.25))})
+    part("mismatch", lambda: {"raised": errors(lambda: DataRegularizer(model(), frac=0.5 if rank == 0 else 0.25))})
 
     def unequal():
         reg = DataRegularizer(model(), frac=FRAC)
         g = shard(general[0], rank, world)
         if rank == 1:
             g = mt.slice_batch(g, slice(0, B - 1))
-        return {"raised": _errors(lambda: reg.backward(g, shard(target[0], rank, world)))}
+        return {"raised": errors(lambda: reg.backward(g, shard(target[0], rank, world)))}
 
     part("unequal-batch", unequal)
 
@@ -230,13 +211,13 @@ def _worker(out: Path) -> None:
             g = {k: v for k, v in g.items() if k != "attention_mask"}
             pos = torch.arange(g["input_ids"].shape[1]).repeat(g["input_ids"].shape[0], 1)
             g["position_ids"] = torch.where(pos < 3, pos, pos - 3)
-        return {"raised": _errors(lambda: reg.backward(g, shard(target[0], rank, world)))}
+        return {"raised": errors(lambda: reg.backward(g, shard(target[0], rank, world)))}
 
     part("packed", packed)
 
     def ddp():
         wrapped = torch.nn.parallel.DistributedDataParallel(model())
-        return {"raised": _errors(lambda: DataRegularizer(wrapped))}
+        return {"raised": errors(lambda: DataRegularizer(wrapped))}
 
     part("ddp", ddp)
     part("hf", lambda: run_hf(str(out / "hf"), per_device=4))
@@ -281,11 +262,7 @@ def ranks(data, tmp_path_factory):
     return results
 
 
-def part(ranks, name):
-    got = [r[name] for r in ranks]
-    for r, g in enumerate(got):
-        assert "error" not in g, f"rank {r}:\n{g['error']}"
-    return got
+part = part_of
 
 
 def assert_same_run(got, ref, masks_too=True):

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
 
 import models_tiny as mt
+from dist_launch import Results, errors, init_worker, part_of
+from test_distributed import assert_same_run, global_batches, shard
 
 WORLD = 2
-B, V, SEQ, STEPS, FRAC, LR = 4, 3, 10, 3, 0.5, 0.1
+from test_distributed import B, FRAC, LR, STEPS  # noqa: E402  (the same batches as plain data parallelism)
 TIMEOUT_S = 240
 
 CASES = {f"{fset}-{scoring}-{strategy}": dict(feasible_set=fset, scoring=scoring, target_strategy=strategy)
@@ -83,22 +83,6 @@ def shard_model(m, mp_policy=None):
         fully_shard(layer, **kw)
     fully_shard(m, **kw)
     return m
-
-
-def trim(batch: dict) -> dict:
-    length = int(batch["attention_mask"].sum(1).max())
-    return {k: v[:, :length] for k, v in batch.items()}
-
-
-def shard(batch: dict, rank: int, world: int = WORLD) -> dict | None:
-    n = batch["input_ids"].shape[0]
-    rows = slice(rank * n // world, (rank + 1) * n // world)
-    return None if rows.start == rows.stop else trim(mt.slice_batch(batch, rows))
-
-
-def global_batches():
-    return ([mt.make_batch(WORLD * B, SEQ, seed=100 + s) for s in range(STEPS)],
-            [mt.make_batch(V, SEQ, seed=200 + s) for s in range(STEPS)])
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -172,37 +156,18 @@ def run_hf(out_dir: str, per_device: int, sharded: bool, resume=None, steps: int
             "losses": [r["loss"] for r in t.state.log_history if "loss" in r]}
 
 
-def _errors(fn):
-    try:
-        fn()
-    except Exception as e:          # noqa: BLE001 - the parent checks the type and message
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # the workers
 
 def _worker(out: Path) -> None:
-    import datetime
-
     import torch.distributed as dist
     from drpost import DataRegularizer
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    rank, world = init_worker()
     data = torch.load(out / "inputs.pt", weights_only=False)
     general, target = data["general"], data["target"]
-    res: dict = {"timing": {}}
-
-    def part(name, fn):
-        start = time.perf_counter()
-        try:
-            res[name] = fn()
-        except Exception:           # noqa: BLE001
-            res[name] = {"error": traceback.format_exc()}
-        res["timing"][name] = time.perf_counter() - start
+    res = Results()
+    part = res.part
 
     for name, kw in CASES.items():
         part(name, lambda: run(kw, general, target, rank, world))
@@ -228,7 +193,7 @@ def _worker(out: Path) -> None:
         return {"first": first, "resumed": resumed}
 
     part("hf", hf)
-    part("greedy", lambda: {"raised": _errors(lambda: DataRegularizer(shard_model(model()),
+    part("greedy", lambda: {"raised": errors(lambda: DataRegularizer(shard_model(model()),
                                                                        feasible_set="greedy"))})
 
     def shared_across_units():
@@ -240,7 +205,7 @@ def _worker(out: Path) -> None:
         fully_shard(m.model.embed_tokens, mesh=mesh)       # the tied weight in its own unit, lm_head in the root
         fully_shard(m, mesh=mesh)
         reg = DataRegularizer(m, feasible_set="layerwise")
-        return {"raised": _errors(lambda: reg.backward(shard(general[0], rank, world), shard(target[0], rank, world)))}
+        return {"raised": errors(lambda: reg.backward(shard(general[0], rank, world), shard(target[0], rank, world)))}
 
     part("shared-across-units", shared_across_units)
 
@@ -278,25 +243,7 @@ def ranks(data, tmp_path_factory):
     return launch(__file__, out, TIMEOUT_S, WORLD)
 
 
-def part(ranks, name):
-    got = [r[name] for r in ranks]
-    for r, g in enumerate(got):
-        assert "error" not in g, f"rank {r}:\n{g['error']}"
-    return got
-
-
-def assert_same_run(got, ref, rtol=1e-9, atol=1e-12, masks_too=True):
-    for name, p in ref["params"].items():
-        torch.testing.assert_close(got[0]["params"][name].to(p.dtype), p, rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{name}: {m}")
-        assert torch.equal(got[0]["params"][name], got[1]["params"][name]), f"ranks differ on {name}"
-    if not masks_too:
-        return
-    for step in range(STEPS):
-        assert got[0]["masks"][step].keys() == ref["masks"][step].keys()
-        for layer, mask in ref["masks"][step].items():
-            joined = torch.cat([g["masks"][step][layer] for g in got])
-            assert torch.equal(joined, mask), f"step {step}, {layer}: {joined.tolist()} != {mask.tolist()}"
+part = part_of
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -16,10 +16,8 @@ import torch
 
 import models_tiny as mt
 from dist_launch import Results, errors, init_worker, part_of
-from test_distributed import assert_same_run, global_batches, shard
+from test_distributed import B, FRAC, LR, STEPS, WORLD, assert_same_run, global_batches, shard  # the same batches
 
-WORLD = 2
-from test_distributed import B, FRAC, LR, STEPS  # noqa: E402  (the same batches as plain data parallelism)
 TIMEOUT_S = 240
 
 CASES = {f"{fset}-{scoring}-{strategy}": dict(feasible_set=fset, scoring=scoring, target_strategy=strategy)

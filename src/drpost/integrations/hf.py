@@ -55,8 +55,8 @@ How the pieces map onto the Trainer (transformers 5):
   supervised tokens, mean over layers), plus ``skipped_steps`` in the interval. They reach every
   ``report_to`` integration (TensorBoard shows them under ``train/``).
 
-Several processes (``torchrun``, one general shard per rank; gradient checkpointing is refused by
-the engine with a clear error):
+Several processes (``torchrun``, one general shard per rank; activation checkpointing works as in
+one process):
 
 * **No DDP.** The regularizer reduces the gradients itself (``drpost.distributed``): it gathers the
   scores for one global selection and all-reduces the chosen, token-normalised gradient, so every

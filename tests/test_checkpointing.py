@@ -8,6 +8,7 @@ for the end-of-backward flush, which would hold every layer's factors until the 
 """
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 
@@ -196,3 +197,75 @@ def test_torch_checkpoint_around_a_custom_block(fset, strategy, reentrant):
     kw = dict(feasible_set=fset, target_strategy=strategy)
     ref = train(custom_lm(None), general, target, **kw)
     assert_same(train(custom_lm(reentrant), general, target, **kw), ref, f"custom {fset}/{strategy}/{reentrant}")
+
+
+@pytest.fixture
+def hf_checkpoints(monkeypatch):
+    """Counts the checkpointed calls that transformers makes (it binds this function when enabled)."""
+    import transformers.modeling_utils as mu
+
+    calls = []
+    real = mu.checkpoint
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(mu, "checkpoint", counted)
+    return calls
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["nonreentrant", "reentrant"])
+def test_drpost_trainer_with_gradient_checkpointing(tmp_path, reentrant, hf_checkpoints):
+    """TrainingArguments(gradient_checkpointing=True): the Trainer enables it on the model; the run
+    equals the one without (parameters after 4 steps, the last masks)."""
+    from test_trainer import assert_params_close, drpost_run, params_of
+
+    kw = dict(feasible_set="layerwise", frac=0.5, target_batch_size=4, gradient_accumulation_steps=2)
+    ref, ref_model = drpost_run(tmp_path, "plain", model=hf_llama(), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, model = drpost_run(tmp_path, "ckpt", model=hf_llama(), gradient_checkpointing=True,
+                                gradient_checkpointing_kwargs={"use_reentrant": reentrant}, **kw)
+    assert model.is_activation_checkpointing
+    assert hf_checkpoints and set(hf_checkpoints) == {reentrant}   # 2 layers x 8 micro-batches
+    assert_params_close(params_of(model), params_of(ref_model), rtol=1e-9, atol=1e-12)
+    for k, m in ref.regularizer.last_masks.items():
+        assert torch.equal(got.regularizer.last_masks[k], m), k
+
+
+def test_recipe_trains_with_gradient_checkpointing(tmp_path, hf_checkpoints):
+    """`drpost train` with train.gradient_checkpointing: the run trains (the adapter moves) and is
+    the run without checkpointing (same losses and selections, same adapter)."""
+    from test_cli_train import QUIET, TINY, _adapter
+
+    from drpost.cli import main
+    from drpost.models import smollm2_path
+
+    smollm2_path()   # a first-use conversion happens before both runs, not inside the first
+
+    common = [TINY, "--train.steps", "3", "--train.save_steps", "0", "--train.eval_every", "0",
+              "--eval.at_start", "false", "--eval.n_test", "1", "--output_dir", str(tmp_path), *QUIET]
+    assert main(["train", *common, "--run_name", "plain"]) == 0
+    assert not hf_checkpoints
+    assert main(["train", *common, "--run_name", "ckpt", "--train.gradient_checkpointing", "true"]) == 0
+    assert hf_checkpoints and set(hf_checkpoints) == {False}
+    hist = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["history"]["train"]
+    ref_hist = json.loads((tmp_path / "plain" / "metrics.json").read_text())["history"]["train"]
+    for key in ("loss", "selected_tokens"):
+        assert [h[key] for h in hist] == pytest.approx([h[key] for h in ref_hist], rel=1e-6), key
+    got, ref = _adapter(tmp_path / "ckpt"), _adapter(tmp_path / "plain")
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7)
+    lora_b = [k for k in got if "lora_B" in k]     # initialised to zero by peft: non-zero once trained
+    assert lora_b and all(float(got[k].abs().max()) > 0 for k in lora_b)
+
+
+def test_recipe_config_keys():
+    from drpost.config import ConfigError, load_config
+
+    cfg = load_config(None, ["--train.gradient_checkpointing", "true", "--train.checkpoint_reentrant", "true"])
+    assert cfg.train.gradient_checkpointing and cfg.train.checkpoint_reentrant
+    assert not load_config(None).train.gradient_checkpointing
+    with pytest.raises(ConfigError, match="train.checkpoint_reentrant.*gradient_checkpointing: true"):
+        load_config(None, ["--train.checkpoint_reentrant", "true"])

@@ -269,3 +269,25 @@ def test_recipe_config_keys():
     assert not load_config(None).train.gradient_checkpointing
     with pytest.raises(ConfigError, match="train.checkpoint_reentrant.*gradient_checkpointing: true"):
         load_config(None, ["--train.checkpoint_reentrant", "true"])
+
+
+def test_rl_recipe_with_gradient_checkpointing(tmp_path, hf_checkpoints):
+    """The RL recipe enables it on the policy; the run is the one without (same rewards, kept
+    shares and losses)."""
+    from test_rl_recipe import TINY as RL_TINY
+
+    from drpost.cli import main
+    from drpost.models import smollm2_path
+
+    smollm2_path()
+    common = [RL_TINY, "--output_dir", str(tmp_path), "--no-progress"]
+    assert main(["train", *common, "--run_name", "plain"]) == 0
+    assert not hf_checkpoints
+    assert main(["train", *common, "--run_name", "ckpt", "--train.gradient_checkpointing", "true"]) == 0
+    assert hf_checkpoints
+    hist = [json.loads((tmp_path / n / "metrics.json").read_text())["history"]["train"] for n in ("ckpt", "plain")]
+    assert len(hist[0]) == len(hist[1])
+    for got, ref in zip(*hist):
+        for key in ("reward", "kept", "loss"):
+            if key in ref:
+                assert got[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), (key, got, ref)

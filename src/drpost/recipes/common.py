@@ -126,7 +126,7 @@ def enable_checkpointing(model, cfg: Config) -> None:
     t = cfg.train
     if t.gradient_checkpointing:
         with quiet_peft():
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": t.checkpoint_reentrant})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": t.checkpoint_reentrant})
 
 
 @contextmanager

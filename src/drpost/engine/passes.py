@@ -9,6 +9,11 @@
 
 Every loss is the SUM of per-token losses, so every per-sample gradient is a token sum; the
 division by token counts happens once, at finalize (METHOD §1.6).
+
+Activation checkpointing re-runs forward hooks inside the backward: every backward here runs with
+``step.in_backward`` set (the hooks then do not count calls), and a capture whose forward ran under
+reentrant checkpointing (``step.grad_off``) uses ``loss.backward()`` with the gradients put aside,
+since reentrant checkpointing refuses ``torch.autograd.grad``.
 """
 from __future__ import annotations
 

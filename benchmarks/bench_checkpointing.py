@@ -150,7 +150,7 @@ def main() -> None:
         if proc.returncode != 0:
             raise SystemExit(f"{method} checkpointing={ckpt} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"  {method} checkpointing={ckpt}: done", file=sys.stderr, flush=True)
+        print(f"  {method} checkpointing={ckpt}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
     mb = 2 ** 20
     base = {r["method"]: r for r in rows if not r["checkpointing"]}
     lines = [f"SmolLM2-135M-Instruct ({args.num_layers or 30} decoder layers), T={args.seq}, B={args.batch} general"

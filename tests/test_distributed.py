@@ -3,7 +3,8 @@
 The two workers are started once (this file run as a script, one subprocess per rank, a free TCP
 port, a hard timeout so a hang fails instead of blocking) and run every configuration in one go:
 the engine matrix (feasible set x scoring x target strategy, accumulation, rowwise, random,
-standard, target_only), a rank whose every sample is filtered out, non-finite steps, the errors
+standard, target_only; checkpointed ranks against one process without checkpointing), a rank whose
+every sample is filtered out, non-finite steps, the errors
 that must reach every rank (mismatched configurations, unequal batch sizes, a DDP-wrapped model)
 and the Hugging Face trainer. The single-process references run in the pytest process.
 
@@ -42,6 +43,9 @@ CASES.update({
 })
 ACCUMULATE = {"layerwise-accumulate": dict(feasible_set="layerwise"),
               "global-accumulate-separate": dict(feasible_set="global", target_strategy="separate")}
+# activation checkpointing on the ranks (HF, use_reentrant as given); the reference runs without it
+CHECKPOINTED = {"layerwise-merged-ckpt": (dict(feasible_set="layerwise"), False),
+                "global-separate-ckpt-reentrant": (dict(feasible_set="global", target_strategy="separate"), True)}
 for _kw in CASES.values():
     if _kw.get("scoring") == "sketch":
         _kw["sketch"] = "gaussian-8x8"
@@ -93,11 +97,15 @@ def negative_rank_batch():
 # ---------------------------------------------------------------------------------------------
 # one run (used by the workers and by the single-process references)
 
-def run_engine(kw, general, target, rank=0, world=1, micro=1, nan_step=None, **extra):
-    """STEPS optimizer steps of SGD; masks of this process's rows, selection counts, parameters."""
+def run_engine(kw, general, target, rank=0, world=1, micro=1, nan_step=None, reentrant=None, **extra):
+    """STEPS optimizer steps of SGD; masks of this process's rows, selection counts, parameters.
+    ``reentrant`` not None: with HF activation checkpointing (use_reentrant as given)."""
     from drpost import DataRegularizer
 
     m = model()
+    if reentrant is not None:
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if nan_step is not None:
         poison = {"on": False}
         m.get_input_embeddings().register_forward_hook(lambda mod, i, o: o * float("nan") if poison["on"] else None)
@@ -186,6 +194,8 @@ def _worker(out: Path) -> None:
         part(name, lambda: run_engine(kw, general, target, rank, world))
     for name, kw in ACCUMULATE.items():
         part(name, lambda: run_engine(kw, general, target, rank, world, micro=2))
+    for name, (kw, reentrant) in CHECKPOINTED.items():
+        part(name, lambda: run_engine(kw, general, target, rank, world, reentrant=reentrant))
     neg_g, neg_t = data["negative"]
     part("filter-empty-rank", lambda: run_engine(dict(feasible_set="filter", scope="global"), [neg_g] * STEPS,
                                                  [neg_t] * STEPS, rank, world, frac=1.0))
@@ -287,6 +297,14 @@ def test_two_ranks_equal_one_process(ranks, data, name):
     assert got[0]["distributed"] and got[1]["distributed"] and not ref["distributed"]
     assert_same_run(got, ref)
     assert got[0]["selected"] == got[1]["selected"] == ref["selected"]   # counts over all ranks
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_two_checkpointed_ranks_equal_one_process_without(ranks, data, name):
+    got = part(ranks, name)
+    ref = run_engine(CHECKPOINTED[name][0], data["general"], data["target"])
+    assert_same_run(got, ref)
+    assert got[0]["selected"] == got[1]["selected"] == ref["selected"]
 
 
 @pytest.mark.parametrize("name", list(ACCUMULATE))

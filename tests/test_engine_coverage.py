@@ -124,13 +124,6 @@ def test_bf16_autocast_close_to_fp32():
         assert err < 0.05, (n, float(err))
 
 
-def test_gradient_checkpointing_is_refused():
-    model = mt.llama(tied=True)
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="gradient checkpointing"):
-        DataRegularizer(model)
-
-
 def test_missing_target_batch_is_explained():
     model = mt.llama(tied=True)
     reg = DataRegularizer(model, feasible_set="layerwise")

@@ -117,6 +117,8 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))  # Linear modules given adapters
     freeze_embeddings: bool = True  # freeze the input embedding (and a tied lm_head)
+    gradient_checkpointing: bool = False  # activation checkpointing of every decoder layer: recomputed in backward (less memory, more time)
+    checkpoint_reentrant: bool = False  # with gradient_checkpointing: torch's use_reentrant (False: the non-reentrant implementation)
     eval_every: int = 10  # held-out perplexity every N steps (0: only at the start and end)
     save_steps: int = 0  # checkpoint every N steps (0: none; needed for --resume)
     save_total_limit: Optional[int] = 1  # keep the last N checkpoints
@@ -158,7 +160,7 @@ class RLConfig(PolicyGradientOptions):
     """``recipe: rl``: GRPO/RLOO with drpost feasible sets (drpost.rl). The RL recipe reads model,
     drpost (the engine's options; the target strategy is always separate, drpost.refresh_every is the
     steps between target refreshes), train (steps, lr, LoRA, bf16, seed, threads, max_grad_norm,
-    weight_decay, eval_every, save_final) and this section: the policy-gradient knobs
+    weight_decay, eval_every, save_final, gradient_checkpointing) and this section: the policy-gradient knobs
     (:class:`drpost.training_options.PolicyGradientOptions`, help texts there) and the task. The data
     section and drpost.target_batch_size are not used."""
     algorithm: Optional[str] = policy_gradient_option("algorithm", None)  # None: grpo for bbc_category, rloo for bbc_headline

@@ -135,6 +135,8 @@ def validate(cfg) -> None:
     _check(0.0 <= t.lora_dropout < 1.0, "train.lora_dropout", "must be in [0, 1)", t.lora_dropout)
     _check(all(isinstance(x, str) for x in t.lora_targets) and (t.lora_r == 0 or t.lora_targets),
            "train.lora_targets", "must be a non-empty list of module names", t.lora_targets)
+    _check(t.gradient_checkpointing or not t.checkpoint_reentrant, "train.checkpoint_reentrant",
+           "only applies with train.gradient_checkpointing: true", t.checkpoint_reentrant)
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: only at the start and end)", t.eval_every)
     _check(t.save_steps >= 0, "train.save_steps", "must be >= 0 (0: no checkpoints)", t.save_steps)
     _check(t.save_total_limit is None or t.save_total_limit >= 1, "train.save_total_limit", "must be >= 1 or null",

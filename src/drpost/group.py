@@ -24,7 +24,8 @@ class LayerGroup:
         self.names: list[str] = []
         self.rules: list = []
         self.params: list[torch.nn.Parameter] = []
-        self.calls = 0                  # forward calls in the current pass
+        self.calls = 0                  # forward calls in the current pass (recomputations not counted)
+        self.received = 0               # backward calls whose factors reached the pipeline in this pass
         self.pending: list = []         # (rule, general factors, target factors) per finished backward call
         self.cache: dict | None = None  # separate strategy: {"kind", "repr"} of the target
         self.sketches: dict = {}        # id(rule) -> LayerSketch (scoring/sketch.py)
@@ -146,4 +147,4 @@ class LayerGroup:
         return count
 
     def reset(self) -> None:
-        self.acc, self.count, self.bad, self.pending, self.calls = {}, None, None, [], 0
+        self.acc, self.count, self.bad, self.pending, self.calls, self.received = {}, None, None, [], 0, 0

@@ -14,6 +14,17 @@ they are active and how many rows the running batch has (``sink.step``).
 In a packed batch a sample is one sequence: the tap hands the rule its factors in the sample
 layout of ``sink.step.layout`` ([S, Tmax, ...], :mod:`drpost.packing`), while the true input
 gradient keeps the module's own [N, T, ...] shape.
+
+Activation checkpointing (``torch.utils.checkpoint``, which Hugging Face's
+``gradient_checkpointing_enable`` applies per decoder layer) runs the hooks of a checkpointed
+block a second time, inside the backward. The hooks are idempotent under that recomputation:
+they count a call (``group.calls``, which the pipeline waits for) only outside the backward
+(``step.in_backward``, set by the passes) and otherwise only overwrite (``pending_output``), and
+they always apply the tap, so the recomputed forward saves what the first one saved. Non-reentrant
+checkpointing keeps the first forward's taps (their saved input comes from the recomputation) and
+drops the recomputed graph; reentrant checkpointing runs the first forward without autograd (its
+taps record nothing, ``step.grad_off`` marks it) and backpropagates the recomputed taps. Either
+way each call's factors reach the sink exactly once.
 """
 from __future__ import annotations
 
@@ -117,7 +128,10 @@ class Attachment:
             step = sink.step
             if step.mode is None:
                 return None
-            group.calls += 1
+            if not step.in_backward:   # a call seen inside the backward is a recomputation: not counted
+                group.calls += 1
+                if not torch.is_grad_enabled():
+                    step.grad_off = True
             a = rule.capture_input(args, kwargs)
             out = output.detach()
             if a.shape[0] == 1 and step.rows > 1:
@@ -158,10 +172,6 @@ def attach(model: torch.nn.Module, sink: Sink, *, selects: bool, merged: bool,
     if not att.trainable:
         raise ValueError("the model has no trainable layer (every parameter has requires_grad=False): "
                          "nothing to post-train")
-    if selects and checkpointing(model):
-        raise ValueError("gradient checkpointing re-runs forward inside backward, which drpost's "
-                         "per-layer hooks do not support yet; call model.gradient_checkpointing_disable() "
-                         "or use feasible_set='standard'")
     if not selects:
         att.plain_params = att.trainable
         return att
@@ -227,13 +237,6 @@ def _check_coverage(att: Attachment, merged: bool, warn) -> None:
                          "target_strategy='separate' (they then get the plain general-batch gradient)")
     warn(f"drpost: parameters {uncovered} are not covered by a layer rule; they get the "
          "plain general-batch gradient (no selection)")
-
-
-def checkpointing(model: torch.nn.Module) -> bool:
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):   # transformers 5, 4
-        if hasattr(type(model), attr):
-            return bool(getattr(model, attr))
-    return False
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

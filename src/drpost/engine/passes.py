@@ -10,6 +10,11 @@
 Every loss is the SUM of per-token losses, so every per-sample gradient is a token sum; the
 division by token counts happens once, at finalize (METHOD §1.6). A sample is a row, or one
 sequence of a packed row (:mod:`drpost.packing`); the counts below are of samples.
+
+Activation checkpointing re-runs forward hooks inside the backward: every backward here runs with
+``step.in_backward`` set (the hooks then do not count calls), and a capture whose forward ran under
+reentrant checkpointing (``step.grad_off``) uses ``loss.backward()`` with the gradients put aside,
+since reentrant checkpointing refuses ``torch.autograd.grad``.
 """
 from __future__ import annotations
 
@@ -46,15 +51,32 @@ class Passes:
         """``loss.backward()`` with the plain parameters' gradients collected into the step's
         accumulator (and their previous ``.grad`` restored)."""
         params, acc = self.att.plain_params, self.pipeline.step.plain_acc
+        for p, g in self._backward_aside(loss, params).items():
+            add_into(acc, p, g)
+
+    def _backward_aside(self, loss: torch.Tensor, params) -> dict:
+        """``loss.backward()`` with the gradients it leaves on ``params`` taken out and returned
+        ({param: grad}) and their previous ``.grad`` restored. ``step.in_backward`` tells the hooks
+        that a forward call seen meanwhile is an activation-checkpoint recomputation."""
+        step = self.pipeline.step
+        if not loss.requires_grad:
+            self.pipeline.check_recomputed()   # a reentrant checkpoint that nothing requires grad into
         old = {p: p.grad for p in params}
         for p in params:
             p.grad = None
-        with self.pipeline.phase("backward"):
-            loss.backward()
-        for p in params:
-            g, p.grad = p.grad, old[p]
-            if g is not None:
-                add_into(acc, p, g)
+        step.in_backward = True
+        try:
+            with self.pipeline.phase("backward"):
+                loss.backward()
+        finally:
+            step.in_backward = False
+            out = {}
+            for p in params:
+                g, p.grad = p.grad, old[p]
+                if g is not None:
+                    out[p] = g
+        self.pipeline.check_recomputed()
+        return out
 
     def _general_tokens(self, sums, tokens, b: int) -> None:
         step = self.pipeline.step
@@ -148,7 +170,16 @@ class Passes:
                 loss = sums.sum()
                 if not self._loss_ok(loss, "target"):
                     return
-                torch.autograd.grad(loss, params, allow_unused=True)
+                if self.pipeline.step.grad_off:
+                    # reentrant checkpointing refuses torch.autograd.grad: a full backward whose
+                    # gradients are discarded (the scored layers' taps return none)
+                    self._backward_aside(loss, self.att.trainable)
+                else:
+                    self.pipeline.step.in_backward = True
+                    try:
+                        torch.autograd.grad(loss, params, allow_unused=True)
+                    finally:
+                        self.pipeline.step.in_backward = False
                 self.pipeline.flush_pending()
                 total_tokens = tokens.sum() if total_tokens is None else total_tokens + tokens.sum()
                 total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()

@@ -47,7 +47,7 @@ class Pipeline:
     def begin_forward(self, mode, rows: int, n_general: int, n_target: int, layout=None) -> None:
         self.step.begin_forward(mode, rows, n_general, n_target, layout)
         for g in self.groups:
-            g.calls, g.pending = 0, []
+            g.calls, g.pending, g.received = 0, [], 0
 
     # ------------------------------------------------------------------ what the hooks hand in
     def on_plain_grads(self, grads: dict) -> None:
@@ -56,6 +56,7 @@ class Pipeline:
 
     def on_factors(self, group: LayerGroup, rule, f) -> None:
         step = self.step
+        group.received += 1
         if step.mode == "capture":
             group.pending.append((rule, None, f))
         elif step.mode == "merged":
@@ -79,6 +80,21 @@ class Pipeline:
             if group.pending:
                 group.calls = len(group.pending)
                 self._complete(group)
+
+    def check_recomputed(self) -> None:
+        """After a backward whose forward ran scored modules with autograd off (the first forward
+        of a reentrant activation checkpoint): every such layer must have been recomputed. It is
+        not when no input of the checkpointed block requires grad (torch then warns and skips the
+        block's backward), which would silently leave those layers untrained."""
+        if not self.step.grad_off:
+            return
+        missing = [g.name for g in self.groups if g.calls and not g.received]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing[:4]}{' ...' if len(missing) > 4 else ''} ran inside a reentrant activation "
+                "checkpoint (use_reentrant=True) and got no gradient: no input of the checkpointed block "
+                "requires grad (frozen embeddings, e.g. a LoRA model), so torch never recomputes it; call "
+                "model.enable_input_require_grads() before training, or checkpoint with use_reentrant=False")
 
     # ------------------------------------------------------------------ score
     def _shape(self, s: int):

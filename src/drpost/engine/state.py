@@ -64,10 +64,16 @@ class StepState:
         self.bad_loss: str | None = None   # distributed: which non-finite loss this rank saw
         self.tags_ok = None            # distributed: did every score gather pair the same layers?
         self.stats: StepStats | None = None   # the running call's statistics
+        # activation checkpointing (hooks.py): forward calls seen while ``in_backward`` are
+        # recomputations and are not counted; ``grad_off`` marks a selecting forward in which a
+        # scored module ran with autograd disabled (the first forward of a reentrant checkpoint)
+        self.in_backward = False
+        self.grad_off = False
 
     def begin_forward(self, mode: str | None, rows: int, n_general: int, n_target: int, layout=None) -> None:
         self.mode, self.rows, self.n_general, self.n_target = mode, rows, n_general, n_target
         self.layout = layout
+        self.in_backward, self.grad_off = False, False
 
     def add_plain_tokens(self, tokens: torch.Tensor) -> None:
         self.plain_tokens = tokens if self.plain_tokens is None else self.plain_tokens + tokens

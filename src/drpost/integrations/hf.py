@@ -46,6 +46,10 @@ How the pieces map onto the Trainer (transformers 5):
   folder, a SHA-256 manifest written last, an atomic rename, rotation afterwards);
   ``resume_from_checkpoint=True`` takes the newest folder whose manifest verifies and reports the
   broken ones it skips; a named broken folder raises ``CheckpointError``.
+* **Activation checkpointing.** ``gradient_checkpointing=True`` (``activation_checkpointing``, with
+  ``use_reentrant`` True or False in its kwargs) works unchanged: the Trainer enables it on the
+  model before the first step and the engine's hooks are idempotent under the recomputation
+  (:mod:`drpost.engine.hooks`); selections and gradients are those of the run without it.
 * **Skipped steps** (``nonfinite="skip"``): the engine sets every ``.grad`` to None, so torch
   optimizers skip every parameter (no moment update, no weight decay, no step count); the LR
   scheduler still advances, as in the stock Trainer. They are counted in ``skipped_steps``.
@@ -55,8 +59,8 @@ How the pieces map onto the Trainer (transformers 5):
   supervised tokens, mean over layers), plus ``skipped_steps`` in the interval. They reach every
   ``report_to`` integration (TensorBoard shows them under ``train/``).
 
-Several processes (``torchrun``, one general shard per rank; gradient checkpointing is refused by
-the engine with a clear error; FSDP2: see below):
+Several processes (``torchrun``, one general shard per rank; activation checkpointing works as in
+one process; FSDP2: see below):
 
 * **No DDP.** The regularizer reduces the gradients itself (``drpost.distributed``): it gathers the
   scores for one global selection and all-reduces the chosen, token-normalised gradient, so every

@@ -21,6 +21,7 @@ from drpost.config import Config, config_to_dict, load_config
 
 __all__ = ["RunDirError", "DiskFullError", "DTYPES", "RESUME_FIXED", "RESUME_FIXED_TRAIN", "check_run_dir",
            "make_run_dir", "timestamped_dir", "check_resume_compatible", "last_checkpoint", "prepare_trainable",
+           "enable_checkpointing",
            "quiet_peft", "jsonable", "write_json", "clear_disk_errors"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,6 +118,15 @@ def prepare_trainable(model, cfg: Config):
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameter (check train.freeze_embeddings / train.lora_targets)")
     return model
+
+
+def enable_checkpointing(model, cfg: Config) -> None:
+    """``train.gradient_checkpointing``: Hugging Face activation checkpointing of every decoder layer
+    (for a recipe that runs its own loop; the SFT recipe passes it to the Trainer's arguments)."""
+    t = cfg.train
+    if t.gradient_checkpointing:
+        with quiet_peft():
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": t.checkpoint_reentrant})
 
 
 @contextmanager

@@ -33,7 +33,8 @@ from drpost.rl import tasks as rl_tasks
 from drpost.rl.reward_model import (RewardModelScorer, pair_accuracy, reward_model_from_causal_lm,
                                     train_reward_model)
 
-from .common import DTYPES, RunDirError, check_run_dir, jsonable, make_run_dir, prepare_trainable, quiet_peft
+from .common import (DTYPES, RunDirError, check_run_dir, enable_checkpointing, jsonable, make_run_dir, prepare_trainable,
+                     quiet_peft)
 
 __all__ = ["run_rl", "evaluate_policy"]
 
@@ -136,6 +137,7 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     model, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=DTYPES[cfg.model.dtype],
                             attn_implementation=cfg.model.attn_implementation)
     model = prepare_trainable(model, cfg)
+    enable_checkpointing(model, cfg)
     pg = policy_config(cfg)
     method = "iif" if rl.iif else cfg.drpost.feasible_set
     run_dir = make_run_dir(cfg, False, overwrite)

@@ -251,6 +251,8 @@ def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_
         warmup_steps=t.warmup_steps,
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
+        activation_checkpointing=t.gradient_checkpointing,   # the Trainer enables it on the model
+        activation_checkpointing_kwargs={"use_reentrant": t.checkpoint_reentrant} if t.gradient_checkpointing else None,
         bf16=t.bf16,
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if ranks is not None and ranks.world > 1 and not torch.cuda.is_available() else None,

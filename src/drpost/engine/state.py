@@ -63,6 +63,8 @@ class StepState:
         self.bad_loss: str | None = None   # distributed: which non-finite loss this rank saw
         self.tags_ok = None            # distributed: did every score gather pair the same layers?
         self.stats: StepStats | None = None   # the running call's statistics
+        self.finalizing = False        # the running call finalizes the step (its accumulators become final)
+        self.overlap = None            # the reduction's gradient reductions in flight (distributed)
 
     def begin_forward(self, mode: str | None, rows: int, n_general: int, n_target: int) -> None:
         self.mode, self.rows, self.n_general, self.n_target = mode, rows, n_general, n_target

@@ -108,7 +108,7 @@ class DistContext:
         def start(_):
             box.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
             return _Done()
-        self._run("all-reduce (launch)", start)
+        self._run("gradient all-reduce (launch)", start)
         return PendingCollective(self, box[0], t)
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class PendingCollective:
         if work is not None:
             self.work = None
             if self.ctx.device.type == "cpu":
-                self.ctx._run("all-reduce", lambda _: _waited(work, self.ctx.timeout_s))
+                self.ctx._run("gradient all-reduce", lambda _: _waited(work, self.ctx.timeout_s))
             else:
                 work.wait()       # NCCL: orders the stream; the watchdog bounds it
         return self.tensor

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from .batch import IGNORE_INDEX
 
+BUCKET_BYTES = 64 * 2 ** 20      # all_reduce_tensors: flat buckets of at most this size
 # torch >= 2.12 names the one-tensor all-gather all_gather_single (all_gather_into_tensor is deprecated)
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
@@ -291,6 +292,43 @@ def check_tags(ok: torch.Tensor | None) -> None:
     if ok is not None and not bool(ok):
         raise RuntimeError("drpost: the ranks scored different layers in the same collective; every rank must "
                            "run the same model and the same code path")
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients (blocking; the replicated reduction overlaps its own: drpost.engine.overlap)
+
+def all_reduce_tensors(ctx: DistContext, tensors: list, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Sum every tensor over the ranks, in place: consecutive tensors of one dtype/device are
+    flattened into buckets of at most ``bucket_bytes`` (a tensor that large goes alone, without a
+    copy), so a model's gradients take a few collectives. Every rank must pass tensors of the same
+    shapes in the same order."""
+    with torch.no_grad():       # accumulators may be views made under no_grad (e.g. inside the backward)
+        _all_reduce_buckets(ctx, tensors, bucket_bytes)
+
+
+def _all_reduce_buckets(ctx: DistContext, tensors: list, bucket_bytes: int) -> None:
+    bucket: list = []
+    size = 0
+
+    def flush():
+        nonlocal bucket, size
+        if len(bucket) == 1 and bucket[0].is_contiguous():
+            ctx.all_reduce(bucket[0])
+        elif bucket:
+            flat = ctx.all_reduce(torch.cat([t.reshape(-1) for t in bucket]))
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+        bucket, size = [], 0
+
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (t.dtype != bucket[0].dtype or t.device != bucket[0].device or size + nbytes > bucket_bytes):
+            flush()
+        bucket.append(t)
+        size += nbytes
+    flush()
 
 
 class LaunchRanks:

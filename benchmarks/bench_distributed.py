@@ -9,14 +9,16 @@ alike), times
 - ``ddp``: ``DistributedDataParallel`` forward, ``loss.backward()`` (gradient all-reduce overlapped
   by DDP's reducer), AdamW step;
 - ``<feasible set>`` for each of ``--configs``: ``DataRegularizer(...).backward(...)`` on the
-  unwrapped model (scores all-gathered per layer, chosen gradients all-reduced at the end), the
+  unwrapped model (scores all-gathered per layer, each layer's chosen gradient all-reduced
+  asynchronously as soon as it is final, bucketed like DDP), the
   merged target row on rank 0 (gathered to every rank), AdamW step;
 - ``<feasible set>-local``: the same drpost step with ``distributed=False`` (each rank selects on its
   own rows, no collective at all, no gradient synchronisation): the difference to the row above is
   what the collectives cost.
 
 Two model copies live on every rank (DDP's and drpost's), with the same initial weights. Rank 0
-prints a Markdown table (median seconds, ratio to ``ddp``) and writes JSON to ``--out``.
+prints a Markdown table (median seconds, ratio to ``ddp``) and a breakdown of the distributed
+steps (seconds blocked in each kind of collective, the rest computing) and writes JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,21 @@ def main() -> None:
     target = _batch(vocab, 1, args.seq, torch.Generator().manual_seed(99), "cpu")
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bf16" else nullcontext
 
+    # where a distributed step's time goes: seconds this rank is blocked in each kind of collective
+    # (score / target-row all-gathers, the metadata all-reduce, launching the gradient all-reduces,
+    # waiting for them at finalize), summed per step
+    from drpost import distributed as _dist
+    blocked: dict = {}
+    run = _dist.DistContext._run
+
+    def timed_run(self, what, start):
+        t = time.perf_counter()
+        try:
+            return run(self, what, start)
+        finally:
+            blocked[what] = blocked.get(what, 0.0) + time.perf_counter() - t
+    _dist.DistContext._run = timed_run
+
     regs = {}
     for fset in [c for c in args.configs.split(",") if c]:
         for local in (False, True):
@@ -101,14 +118,19 @@ def main() -> None:
 
     keys = ["ddp", *regs]
     times = {k: [] for k in keys}
+    waits = {k: [] for k in keys if k != "ddp" and not k.endswith("-local")}
     for rep in range(args.warmup + args.reps):
         for key in keys:
             dist.barrier()
+            blocked.clear()
             t0 = time.perf_counter()
             ddp_step() if key == "ddp" else reg_step(key)
+            t1 = time.perf_counter()
             dist.barrier()
             if rep >= args.warmup:
                 times[key].append(time.perf_counter() - t0)
+                if key in waits:
+                    waits[key].append(dict(blocked, step=t1 - t0))
     if rank == 0:
         base_t = statistics.median(times["ddp"])
         rows = [{"variant": k, "median_s": statistics.median(v), "ratio": statistics.median(v) / base_t,
@@ -120,6 +142,19 @@ def main() -> None:
         lines = [head, "", "| variant | median s | ratio to DDP step (min-max) |", "|---|---|---|"]
         lines += [f"| {r['variant']} | {r['median_s']:.3f} | {r['ratio']:.3f} ({r['min_max'][0]:.2f}-"
                   f"{r['min_max'][1]:.2f}) |" for r in rows]
+        lines += ["", "Where the distributed steps' time goes (rank 0, median seconds per step): blocked in the "
+                  "all-gathers (scores, target rows), the metadata all-reduce, launching the gradient all-reduces, "
+                  "waiting for them at finalize; the rest is computation (and contention with gloo's threads).", "",
+                  "| variant | step | all-gather | metadata all-reduce | gradient launch | gradient wait | rest | "
+                  "local step | ddp step |", "|---|---|---|---|---|---|---|---|---|"]
+        local_t = {k: statistics.median(times[k + "-local"]) for k in waits if k + "-local" in times}
+        for key, reps in waits.items():
+            med = {w: statistics.median(r.get(w, 0.0) for r in reps) for w in
+                   ("step", "all-gather", "all-reduce", "gradient all-reduce (launch)", "gradient all-reduce")}
+            rest = statistics.median(r["step"] - sum(v for k, v in r.items() if k != "step") for r in reps)
+            lines.append(f"| {key} | {med['step']:.3f} | {med['all-gather']:.3f} | {med['all-reduce']:.3f} | "
+                         f"{med['gradient all-reduce (launch)']:.3f} | {med['gradient all-reduce']:.3f} | {rest:.3f} "
+                         f"| {local_t.get(key, float('nan')):.3f} | {base_t:.3f} |")
         text = "\n".join(lines)
         print(text, flush=True)
         out = Path(args.out)
@@ -127,7 +162,7 @@ def main() -> None:
         stem = f"distributed-R{world}-B{args.batch}-T{args.seq}-{args.dtype}"
         (out / f"{stem}.md").write_text(text + "\n")
         (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "world": world, "rows": rows,
-                                                      "times": times}, indent=1))
+                                                      "times": times, "blocked": waits}, indent=1))
     for reg in regs.values():
         reg.detach()
     dist.destroy_process_group()

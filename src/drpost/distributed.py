@@ -17,10 +17,13 @@ as one process running on the concatenated batches:
   all-gathered in rank order and the feasible set is applied to the concatenation exactly as one
   process would (same k = num_selected(R*B, frac), same tie-breaking); each rank keeps its slice of
   the mask. ``random`` draws the global mask from the generator every rank holds in the same state.
-* **Update.** At ``finalize`` one small all-reduce sums the chosen-token counts of every group, the
-  token count of the plain (unscored) parameters, the non-finite flags and which parameters have
-  a gradient; one bucketed all-reduce then sums the raw chosen gradients, and every rank divides by
-  the *global* counts, so all ranks write the identical ``.grad``. drpost does this itself: the
+* **Update.** In the call that finalizes the step, each group's raw chosen gradient is all-reduced
+  asynchronously as soon as it is final (after its assembly; bucketed as DDP does, zeros where this
+  rank chose nothing: :mod:`drpost.engine.overlap`), overlapped with the rest of the backward. At
+  ``finalize`` one small all-reduce sums the chosen-token counts of every group, the token count
+  of the plain (unscored) parameters, the non-finite flags and which parameters have a gradient;
+  the plain parameters' all-reduce is launched, every reduction is waited for, and every rank
+  divides by the *global* counts, so all ranks write the identical ``.grad``. drpost does this itself: the
   model must not be wrapped in ``DistributedDataParallel``.
 
 Every rank runs the same collectives in the same order whatever it selected, so a rank that keeps
@@ -38,7 +41,7 @@ import torch.distributed as dist
 
 from .batch import IGNORE_INDEX
 
-BUCKET_BYTES = 64 * 2 ** 20      # gradients are all-reduced in flat buckets of at most this size
+BUCKET_BYTES = 64 * 2 ** 20      # all_reduce_tensors: flat buckets of at most this size
 # torch >= 2.12 names the one-tensor all-gather all_gather_single (all_gather_into_tensor is deprecated)
 _all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
@@ -102,6 +105,17 @@ class DistContext:
             "Another rank has crashed, was killed or hangs; this rank stops instead of waiting forever. "
             f"Check the other ranks' logs (the limit is {TIMEOUT_ENV}, in seconds).")
 
+    def start_all_reduce(self, t: torch.Tensor) -> "PendingCollective":
+        """Sum over ranks, in place, asynchronously: the returned handle's ``wait`` completes it
+        (with the same deadline and the same :class:`DistributedFaultError` as the blocking calls)."""
+        box = []
+
+        def start(_):
+            box.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+            return _Done()
+        self._run("gradient all-reduce (launch)", start)
+        return PendingCollective(self, box[0], t)
+
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[n, ...] on every rank (same shape everywhere) -> [world * n, ...] in rank order."""
         t = t.contiguous()
@@ -118,6 +132,33 @@ class DistContext:
     def local_rows(self, full: torch.Tensor, b: int) -> torch.Tensor:
         """This rank's slice of a tensor gathered along dim 0 from ``b`` rows per rank."""
         return full[self.rank * b:(self.rank + 1) * b]
+
+
+class _Done:
+    def wait(self, timeout=None) -> bool:
+        return True
+
+
+class PendingCollective:
+    """An all-reduce in flight (:meth:`DistContext.start_all_reduce`); ``wait`` returns its tensor."""
+
+    def __init__(self, ctx: DistContext, work, tensor: torch.Tensor):
+        self.ctx, self.work, self.tensor = ctx, work, tensor
+
+    def wait(self) -> torch.Tensor:
+        work = self.work
+        if work is not None:
+            self.work = None
+            if self.ctx.device.type == "cpu":
+                self.ctx._run("gradient all-reduce", lambda _: _waited(work, self.ctx.timeout_s))
+            else:
+                work.wait()       # NCCL: orders the stream; the watchdog bounds it
+        return self.tensor
+
+
+def _waited(work, timeout_s: float):
+    work.wait(timeout=datetime.timedelta(seconds=timeout_s))
+    return _Done()
 
 
 def resolve(process_group=None, distributed: bool | None = None, device=None) -> DistContext | None:
@@ -234,7 +275,7 @@ def check_tags(ok: torch.Tensor | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# gradients
+# gradients (blocking; the replicated reduction overlaps its own: drpost.engine.overlap)
 
 def all_reduce_tensors(ctx: DistContext, tensors: list, bucket_bytes: int = BUCKET_BYTES) -> None:
     """Sum every tensor over the ranks, in place: consecutive tensors of one dtype/device are

@@ -177,3 +177,4 @@ class Pipeline:
             stats = self.step.stats
             stats.selected[group.name] = shown.sum() if shown.dim() == 1 else shown.sum(0).float().mean()
             stats.selected_tokens[group.name] = count
+        self.reduction.on_assembled(self, group)

@@ -10,6 +10,8 @@ answer the same questions at the same points of a step:
   (:meth:`require_supervised`, :meth:`check_loss`; distributed, both wait for finalize so that
   every rank runs the same collectives);
 * per decision: which samples are chosen (:meth:`choose`);
+* once a group's accumulator is final (:meth:`on_assembled`; distributed, in the finalize call,
+  its all-reduce is launched then, overlapped with the rest of the backward: :mod:`.overlap`);
 * at the end: the division by the chosen-token counts and the ``.grad`` writes (:meth:`finalize`).
 
 Nothing outside this module branches on "distributed". An FSDP2-sharded model gets the third
@@ -22,6 +24,7 @@ import torch
 from .. import distributed as _dist
 from ..batch import check_batch, require_supervised
 from .guards import NonFiniteError
+from .overlap import DDP_BUCKET_BYTES, GradientBuckets
 
 
 class LocalReduction:
@@ -63,6 +66,9 @@ class LocalReduction:
         return False
 
     # ------------------------------------------------------------------ per decision
+    def on_assembled(self, pipeline, group) -> None:
+        """A group's accumulator is final for this call (distributed: its all-reduce may start)."""
+
     def choose(self, pipeline, scores: torch.Tensor, gram, tag: int):
         """(mask of this process's samples, mask over every rank's samples or None)."""
         return pipeline.select(scores, gram), None
@@ -170,10 +176,49 @@ class DistributedReduction(LocalReduction):
         full_mask = pipeline.select(full, None).to(scores.device)
         return ctx.local_rows(full_mask, b), full_mask
 
+    # ------------------------------------------------------------------ the gradients, overlapped
+    bucket_bytes = DDP_BUCKET_BYTES  # the all-reduces' bucket size (DDP's default)
+    on_launch = None                 # called with the parameters of every bucket launched (tests)
+
+    def _buckets(self, step) -> GradientBuckets:
+        if step.overlap is None:
+            step.overlap = GradientBuckets(self.ctx, self.bucket_bytes, self.on_launch)
+        return step.overlap
+
+    def on_assembled(self, pipeline, group) -> None:
+        """In the finalize call the group's accumulators are final once assembled: launch their
+        all-reduce now (zeros for a parameter this rank chose nothing for), so that it runs while
+        the backward goes on; finalize only waits for it."""
+        step = pipeline.step
+        # a subclass that replaces finalize (and so does not wait for these, e.g. FSDP's
+        # reduce-scatter) must not get them: it overrides this method to overlap its own reduction
+        if step.finalizing and type(self).finalize is DistributedReduction.finalize:
+            buckets = self._buckets(step)
+            for p in group.params:
+                buckets.add(p, _grad_or_zeros(group.acc, p))
+
+    # ------------------------------------------------------------------ the end of the step
     def finalize(self, pipeline, att, where: str) -> None:
+        """The small metadata all-reduce (:meth:`_reduce_metadata`: may drop the step on every
+        rank), then the chosen gradients summed over the ranks (:meth:`_reduce_gradients`: most of
+        it launched during the backward) and divided by the global counts."""
+        meta = self._reduce_metadata(pipeline, att, where)
+        if meta is None:
+            return
+        summed = self._reduce_gradients(pipeline, att)
+        for p, keep in zip(att.trainable, meta.present):
+            if not keep:
+                continue
+            acc, g = summed[p], meta.group_of.get(p)
+            denom = g.rows_broadcast(p, g.count.clamp_min(1).to(acc.dtype)) if g is not None \
+                else meta.plain.clamp_min(1).to(acc.dtype)
+            add_grad(p, acc.div_(denom))
+        _age_target(pipeline)
+
+    def _reduce_metadata(self, pipeline, att, where: str):
         """One small all-reduce of [non-finite flag per rank, plain tokens, chosen-token counts of
-        every group, has-gradient flag per trainable parameter]; then the raw chosen gradients are
-        summed over the ranks (bucketed) and divided by the global counts."""
+        every group, has-gradient flag per trainable parameter]. Sets the groups' global counts and
+        returns what the division needs, or None when the step is dropped (on every rank)."""
         ctx, step, options = self.ctx, pipeline.step, pipeline.options
         groups = [g for g in att.groups if g.count is not None]
         dev = ctx.device
@@ -181,7 +226,7 @@ class DistributedReduction(LocalReduction):
             bool(torch.stack([g.bad for g in att.groups if g.bad is not None]).any())
         flags = torch.zeros(ctx.world, dtype=torch.float64, device=dev)
         flags[ctx.rank] = float(bad or step.bad_loss is not None)
-        source = {p: acc for g in groups for p, acc in g.acc.items()}
+        source = {p for g in groups for p in g.acc}
         source.update(step.plain_acc)
         has = torch.tensor([float(p in source) for p in att.trainable], dtype=torch.float64, device=dev)
         plain = step.plain_tokens if step.plain_tokens is not None else torch.zeros((), device=dev)
@@ -192,41 +237,58 @@ class DistributedReduction(LocalReduction):
         flags, plain, rest = meta[:ctx.world], meta[ctx.world], meta[ctx.world + 1:]
         bad_ranks = flags.nonzero().flatten().tolist()
         if bad_ranks:
+            self._discard_gradients(step)
             if options.nonfinite == "error":
                 raise NonFiniteError(f"non-finite loss, scores or target gradient on rank(s) {bad_ranks} {where}; "
                                      "pass nonfinite='skip' to drop such steps")
             _drop_step(att, step)
             if options.target_strategy == "separate":
                 pipeline.target.age = None   # the cached target may be the bad part: recapture
-            return
+            return None
         if float(plain) <= 0:
+            self._discard_gradients(step)
             role = "target" if options.feasible_set == "target_only" else "general"
             raise ValueError(f"the {role} batches of all {ctx.world} ranks have no supervised tokens: every label "
                              "is -100; check the chat template / label masking and truncation")
         for g in groups:                           # global chosen-token counts
             n = g.count.numel()
             g.count, rest = rest[:n].view_as(g.count).to(g.count.dtype), rest[n:]
-        present = rest > 0
-        grads = []
-        for p, keep in zip(att.trainable, present.tolist()):
-            if keep:
-                acc = source.get(p)
-                if acc is None or not acc.is_contiguous():
-                    acc = torch.zeros_like(p, memory_format=torch.contiguous_format) if acc is None \
-                        else acc.contiguous()
-                    source[p] = acc
-                grads.append(acc)
-        _dist.all_reduce_tensors(ctx, grads)
-        group_of = {p: g for g in groups for p in g.params}
-        for p, keep in zip(att.trainable, present.tolist()):
-            if not keep:
-                continue
-            acc, g = source[p], group_of.get(p)
-            if g is not None:
-                add_grad(p, acc.div_(g.rows_broadcast(p, g.count.clamp_min(1).to(acc.dtype))))
-            else:
-                add_grad(p, acc.div_(plain.clamp_min(1).to(acc.dtype)))
-        _age_target(pipeline)
+        return _Meta(plain, (rest > 0).tolist(), {p: g for g in groups for p in g.params})
+
+    def _reduce_gradients(self, pipeline, att) -> dict:
+        """Every trainable parameter's raw chosen gradient summed over the ranks (parameter ->
+        tensor). The groups assembled in this call were launched during the backward
+        (:meth:`on_assembled`); the plain parameters (and any group not assembled) are final only
+        now: launched here, in ``att.trainable`` order; then everything is waited for."""
+        step = pipeline.step
+        buckets = self._buckets(step)
+        source = dict(step.plain_acc)
+        for g in att.groups:
+            source.update(g.acc)
+        for p in att.trainable:
+            if p not in buckets.keys:
+                buckets.add(p, _grad_or_zeros(source, p))
+        summed = buckets.wait()
+        step.overlap = None
+        return summed
+
+    def _discard_gradients(self, step) -> None:
+        """A dropped step: complete the all-reduces already launched (every rank launched the same)."""
+        if step.overlap is not None:
+            step.overlap.wait()
+            step.overlap = None
+
+
+class _Meta:
+    """What the division needs from the metadata all-reduce."""
+
+    def __init__(self, plain, present: list, group_of: dict):
+        self.plain, self.present, self.group_of = plain, present, group_of
+
+
+def _grad_or_zeros(accs: dict, p) -> torch.Tensor:
+    acc = accs.get(p)
+    return torch.zeros_like(p, memory_format=torch.contiguous_format) if acc is None else acc
 
 
 def make_reduction(model, process_group, distributed, device, pad_token_id: int, warn) -> LocalReduction:

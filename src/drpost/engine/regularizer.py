@@ -216,6 +216,7 @@ class DataRegularizer:
         device = model_device(self.model)
         general = check_batch(general_batch, "general", device)
         stats = self._pipeline.step.stats = StepStats()     # this call's (micro-batch's) statistics
+        self._pipeline.step.finalizing = finalize
         needs_target = opts.feasible_set != "standard" and (
             opts.target_strategy == "merged" or opts.feasible_set == "target_only"
             or self._target.due(opts.refresh_every))

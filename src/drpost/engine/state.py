@@ -69,6 +69,8 @@ class StepState:
         # scored module ran with autograd disabled (the first forward of a reentrant checkpoint)
         self.in_backward = False
         self.grad_off = False
+        self.finalizing = False        # the running call finalizes the step (its accumulators become final)
+        self.overlap = None            # the reduction's gradient reductions in flight (distributed)
 
     def begin_forward(self, mode: str | None, rows: int, n_general: int, n_target: int, layout=None) -> None:
         self.mode, self.rows, self.n_general, self.n_target = mode, rows, n_general, n_target

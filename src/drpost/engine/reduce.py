@@ -190,9 +190,8 @@ class DistributedReduction(LocalReduction):
         all-reduce now (zeros for a parameter this rank chose nothing for), so that it runs while
         the backward goes on; finalize only waits for it."""
         step = pipeline.step
-        # a subclass that replaces finalize (and so does not wait for these, e.g. FSDP's
-        # reduce-scatter) must not get them: it overrides this method to overlap its own reduction
-        if step.finalizing and type(self).finalize is DistributedReduction.finalize:
+        # (the FSDP reduction, which reduce-scatters at finalize instead, overrides this method)
+        if step.finalizing:
             buckets = self._buckets(step)
             for p in group.params:
                 buckets.add(p, _grad_or_zeros(group.acc, p))

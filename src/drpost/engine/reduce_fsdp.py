@@ -34,8 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as _dist
-from .reduce import DistributedReduction, _age_target, _drop_step, add_grad
-from .guards import NonFiniteError
+from .reduce import DistributedReduction, _age_target, add_grad
 
 FSDP1_UNSUPPORTED = (
     "drpost does not support FSDP1 (FullyShardedDataParallel): it flattens each unit's parameters into "
@@ -131,55 +130,33 @@ class ShardedReduction(DistributedReduction):
             return self.ctx.fault("one of FSDP's collectives (all-gather or reduce-scatter)", err)
         return None
 
+    def on_assembled(self, pipeline, group) -> None:
+        """Nothing during the backward: the reduce-scatters run at finalize."""
+
     def finalize(self, pipeline, att, where: str) -> None:
-        ctx, step, options = self.ctx, pipeline.step, pipeline.options
-        groups = [g for g in att.groups if g.count is not None]
-        dev = ctx.device
-        bad = any(g.bad is not None for g in att.groups) and \
-            bool(torch.stack([g.bad for g in att.groups if g.bad is not None]).any())
-        flags = torch.zeros(ctx.world, dtype=torch.float64, device=dev)
-        flags[ctx.rank] = float(bad or step.bad_loss is not None)
-        source = {p: acc for g in groups for p, acc in g.acc.items()}
-        source.update(step.plain_acc)
-        has = torch.tensor([float(p in source) for p in att.trainable], dtype=torch.float64, device=dev)
-        plain = step.plain_tokens if step.plain_tokens is not None else torch.zeros((), device=dev)
-        meta = torch.cat([flags, plain.reshape(1).to(dev, torch.float64)] +
-                         [g.count.reshape(-1).to(dev, torch.float64) for g in groups] + [has])
-        ctx.all_reduce(meta)
-        _dist.check_tags(step.tags_ok)
-        flags, plain, rest = meta[:ctx.world], meta[ctx.world], meta[ctx.world + 1:]
-        bad_ranks = flags.nonzero().flatten().tolist()
-        if bad_ranks:
-            if options.nonfinite == "error":
-                raise NonFiniteError(f"non-finite loss, scores or target gradient on rank(s) {bad_ranks} {where}; "
-                                     "pass nonfinite='skip' to drop such steps")
-            _drop_step(att, step)
-            if options.target_strategy == "separate":
-                pipeline.target.age = None
+        """The metadata all-reduce of data parallelism; then every chosen gradient divided by its
+        global count and reduce-scattered into its shard (replicated parameters all-reduced)."""
+        meta = self._reduce_metadata(pipeline, att, where)
+        if meta is None:
             return
-        if float(plain) <= 0:
-            role = "target" if options.feasible_set == "target_only" else "general"
-            raise ValueError(f"the {role} batches of all {ctx.world} ranks have no supervised tokens: every label "
-                             "is -100; check the chat template / label masking and truncation")
-        for g in groups:
-            n = g.count.numel()
-            g.count, rest = rest[:n].view_as(g.count).to(g.count.dtype), rest[n:]
-        present = rest > 0
-        group_of = {p: g for g in groups for p in g.params}
+        ctx, step = self.ctx, pipeline.step
+        source = dict(step.plain_acc)
+        for g in att.groups:
+            source.update(g.acc)
         scatter, replicated = [], []
         with torch.no_grad():
-            for p, keep in zip(att.trainable, present.tolist()):
+            for p, keep in zip(att.trainable, meta.present):
                 if not keep:
                     continue
-                acc, g = source.get(p), group_of.get(p)
+                acc, g = source.get(p), meta.group_of.get(p)
                 if g is None and is_dtensor(acc):
                     # FSDP reduce-scattered it already: sum / factor -> sum / global tokens
                     factor = self.divide.get(id(p), float(ctx.world))
-                    add_grad(p, acc * (factor / float(plain.clamp_min(1))))
+                    add_grad(p, acc * (factor / float(meta.plain.clamp_min(1))))
                     continue
                 if acc is None:
-                    acc = torch.zeros(p.shape, dtype=p.dtype, device=dev)
-                count = g.rows_broadcast(p, g.count.clamp_min(1)) if g is not None else plain.clamp_min(1)
+                    acc = torch.zeros(p.shape, dtype=p.dtype, device=ctx.device)
+                count = g.rows_broadcast(p, g.count.clamp_min(1)) if g is not None else meta.plain.clamp_min(1)
                 full = acc / count.to(acc.dtype)
                 (scatter if is_dtensor(p) else replicated).append((p, full))
             _dist.all_reduce_tensors(ctx, [t for _, t in replicated])

@@ -38,6 +38,9 @@ ACCUMULATE = {"layerwise-accumulate": dict(feasible_set="layerwise"),
               "global-accumulate-separate": dict(feasible_set="global", target_strategy="separate")}
 ODD = {"odd-rows-layerwise": dict(feasible_set="layerwise"), "odd-rows-rowwise": dict(feasible_set="rowwise"),
        "odd-rows-global-separate": dict(feasible_set="global", target_strategy="separate")}
+CHECKPOINTED = {"layerwise-merged-ckpt": (dict(feasible_set="layerwise"), False),
+                "filter-separate-ckpt": (dict(feasible_set="filter", target_strategy="separate"), False),
+                "global-merged-ckpt-reentrant": (dict(feasible_set="global"), True)}
 LORA = {"lora-layerwise": dict(feasible_set="layerwise"), "lora-global-separate":
         dict(feasible_set="global", target_strategy="separate")}
 
@@ -88,7 +91,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def run(kw, general, target, rank=0, world=1, micro=1, lora=False, mp_policy=None, dtype=None, halves=None,
-        odd=False):
+        odd=False, reentrant=None):
     """STEPS AdamW steps; this process's masks, the (full) parameters, the first step's (full)
     gradients, the grads' types. ``halves``: the single-process reference of a 2-rank run with 2
     micro-batches per step (micro-batch j = every rank's j-th half shard)."""
@@ -97,6 +100,9 @@ def run(kw, general, target, rank=0, world=1, micro=1, lora=False, mp_policy=Non
     m = model(lora, odd)
     if dtype is not None:
         m = m.to(dtype)
+    if reentrant is not None:       # HF activation checkpointing inside every FSDP unit
+        m.train()
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if world > 1:
         shard_model(m, mp_policy)
     reg = DataRegularizer(m, frac=FRAC, **kw)
@@ -173,6 +179,8 @@ def _worker(out: Path) -> None:
         part(name, lambda: run(kw, general, target, rank, world, micro=2))
     for name, kw in LORA.items():
         part(name, lambda: run(kw, general, target, rank, world, lora=True))
+    for name, (kw, reentrant) in CHECKPOINTED.items():
+        part(name, lambda: run(kw, general, target, rank, world, reentrant=reentrant))
     for name, kw in ODD.items():
         part(name, lambda: run(kw, general, target, rank, world, odd=True))
     part("mixed-precision", lambda: run(dict(feasible_set="layerwise"), general, target, rank, world,
@@ -266,6 +274,13 @@ def test_fsdp2_gradient_accumulation(ranks, data, name):
 def test_fsdp2_peft_lora(ranks, data, name):
     got = part(ranks, name)
     ref = run(LORA[name], data["general"], data["target"], lora=True)
+    assert_same_run(got, ref)
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_fsdp2_with_activation_checkpointing_equals_one_process_without(ranks, data, name):
+    got = part(ranks, name)
+    ref = run(CHECKPOINTED[name][0], data["general"], data["target"])
     assert_same_run(got, ref)
 
 

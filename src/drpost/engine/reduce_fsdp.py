@@ -98,15 +98,17 @@ def sharded_context(model, units: list, process_group, distributed, device) -> _
 
 
 def _divide_factors(units: list, world: int) -> dict[int, float]:
-    """{id(sharded parameter): the factor FSDP divides its reduce-scattered gradient by}."""
+    """{id(sharded parameter): the factor FSDP divides its reduce-scattered gradient by}. FSDP2 has
+    a setter for it (``set_gradient_divide_factor``) but no getter, so it is read from FSDP's param
+    group; a parameter not found there gets FSDP's default, the world size."""
     factors = {}
     for unit in units:
-        state = unit._get_fsdp_state()
+        state = getattr(unit, "_get_fsdp_state", lambda: None)()
         group = getattr(state, "_fsdp_param_group", None)
         if group is None:
             continue
         factor = getattr(group, "gradient_divide_factor", None)
-        for fp in group.fsdp_params:
+        for fp in getattr(group, "fsdp_params", []):
             factors[id(fp.sharded_param)] = float(world if factor is None else factor)
     return factors
 

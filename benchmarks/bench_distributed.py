@@ -8,6 +8,8 @@ alike), times
 
 - ``ddp``: ``DistributedDataParallel`` forward, ``loss.backward()`` (gradient all-reduce overlapped
   by DDP's reducer), AdamW step;
+- ``ddp-nosync``: the same step under ``ddp_model.no_sync()`` (no gradient all-reduce): what DDP's
+  own reduction costs on this machine, the calibration of drpost's distributed overhead;
 - ``<feasible set>`` for each of ``--configs``: ``DataRegularizer(...).backward(...)`` on the
   unwrapped model (scores all-gathered per layer, each layer's chosen gradient all-reduced
   asynchronously as soon as it is final, bucketed like DDP), the
@@ -96,8 +98,8 @@ def main() -> None:
             reg.detach()
             regs[fset + ("-local" if local else "")] = reg
 
-    def ddp_step():
-        with amp():
+    def ddp_step(sync: bool = True):
+        with amp(), (nullcontext() if sync else ddp_model.no_sync()):
             loss = ddp_model(input_ids=general["input_ids"], attention_mask=general["attention_mask"],
                              labels=general["labels"]).loss
             loss.backward()
@@ -116,15 +118,15 @@ def main() -> None:
         finally:
             reg.detach()
 
-    keys = ["ddp", *regs]
+    keys = ["ddp", "ddp-nosync", *regs]
     times = {k: [] for k in keys}
-    waits = {k: [] for k in keys if k != "ddp" and not k.endswith("-local")}
+    waits = {k: [] for k in keys if not k.startswith("ddp") and not k.endswith("-local")}
     for rep in range(args.warmup + args.reps):
         for key in keys:
             dist.barrier()
             blocked.clear()
             t0 = time.perf_counter()
-            ddp_step() if key == "ddp" else reg_step(key)
+            ddp_step(key == "ddp") if key.startswith("ddp") else reg_step(key)
             t1 = time.perf_counter()
             dist.barrier()
             if rep >= args.warmup:
@@ -155,6 +157,12 @@ def main() -> None:
             lines.append(f"| {key} | {med['step']:.3f} | {med['all-gather']:.3f} | {med['all-reduce']:.3f} | "
                          f"{med['gradient all-reduce (launch)']:.3f} | {med['gradient all-reduce']:.3f} | {rest:.3f} "
                          f"| {local_t.get(key, float('nan')):.3f} | {base_t:.3f} |")
+        plain = statistics.median(times["ddp-nosync"])
+        lines += ["", f"Calibration: the plain step without its gradient all-reduce (`ddp-nosync`, DDP under "
+                  f"`no_sync()`) takes {plain:.3f} s, so DDP's own all-reduce costs {base_t - plain:.3f} s per step "
+                  "beyond it; against that step, drpost's distributed overhead is: " + ", ".join(
+                      f"{k} {statistics.median(times[k]) - statistics.median(times[k + '-local']):.3f} s over its local "
+                      "step" for k in waits if k + "-local" in times) + "."]
         text = "\n".join(lines)
         print(text, flush=True)
         out = Path(args.out)

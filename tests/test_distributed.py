@@ -422,5 +422,11 @@ def test_fsdp2_one_rank_equals_the_unsharded_model(tmp_path):
         for (name, p), q in zip(ref.named_parameters(), sharded.parameters()):
             assert type(q.grad).__name__ == "DTensor", name
             torch.testing.assert_close(q.grad.full_tensor(), p.grad, rtol=1e-9, atol=1e-12)
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        tp = model()                     # DTensor parameters without fully_shard (as tensor parallelism makes)
+        tp.model.norm.weight = torch.nn.Parameter(distribute_tensor(tp.model.norm.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="DTensor parameters but no fully_shard unit"):
+            DataRegularizer(tp, feasible_set="layerwise")
     finally:
         dist.destroy_process_group()

@@ -297,7 +297,7 @@ def make_reduction(model, process_group, distributed, device, pad_token_id: int,
     units = reduce_fsdp.fsdp_modules(model)
     if units or any(reduce_fsdp.is_dtensor(p) for p in model.parameters()):
         ctx = reduce_fsdp.sharded_context(model, units, process_group, distributed, device)
-        return reduce_fsdp.ShardedReduction(ctx, pad_token_id, warn, model, units)
+        return reduce_fsdp.ShardedReduction(ctx, pad_token_id, warn, units)
     ctx = _dist.resolve(process_group, distributed, device)
     return LocalReduction() if ctx is None else DistributedReduction(ctx, pad_token_id, warn)
 

@@ -20,11 +20,13 @@ reduce-scatter skips those parameters. At ``finalize`` :class:`ShardedReduction`
   count; unscored parameters that are not sharded (a module left outside ``fully_shard``) are
   all-reduced as under data parallelism.
 
-A parameter shared by two FSDP units (tied embeddings split over units) is refused by FSDP itself at
-the first forward, on every rank. FSDP2 mixed precision works as is: the taps see bfloat16 activations, the accumulators are reduced
-in the reduce dtype (float32 at least) and cast to the sharded parameter's dtype. What is refused,
-with the reason: FSDP1 (``FullyShardedDataParallel``: flat parameters hide the layers), meshes
-other than one dimension with ``Shard(0)`` (HSDP, tensor parallelism) and ``greedy`` (as under data parallelism: its Gram matrix spans ranks).
+A parameter shared by two FSDP units (tied embeddings split over units) is refused by FSDP itself
+at the first forward, on every rank. FSDP2 mixed precision works as is: the taps see bfloat16
+activations, the accumulators are reduce-scattered in float32 at least (float64 stays float64)
+and cast to the sharded parameter's dtype. Refused, with the reason: FSDP1
+(``FullyShardedDataParallel``: flat parameters hide the layers), DTensor parameters without
+``fully_shard`` (tensor parallelism), meshes other than one dimension with ``Shard(0)`` (HSDP) and
+``greedy`` (as under data parallelism: its Gram matrix spans ranks).
 """
 from __future__ import annotations
 
@@ -73,6 +75,10 @@ def sharded_context(model, units: list, process_group, distributed, device) -> _
     """The DistContext of a sharded model: its mesh's process group (one 1-D mesh, Shard(0))."""
     from torch.distributed.tensor import Shard
 
+    if not units:
+        raise ValueError("the model has DTensor parameters but no fully_shard unit (tensor parallelism?): drpost "
+                         "supports FSDP2 (torch.distributed.fsdp.fully_shard) and plain data parallelism only")
+
     if distributed is False:
         raise ValueError("distributed=False with an FSDP-sharded model: its parameters are split over the "
                          "ranks, so drpost must reduce over them; drop distributed=False")
@@ -118,7 +124,7 @@ class ShardedReduction(DistributedReduction):
 
     sharded = True
 
-    def __init__(self, ctx: _dist.DistContext, pad_token_id: int, warn, model, units: list):
+    def __init__(self, ctx: _dist.DistContext, pad_token_id: int, warn, units: list):
         super().__init__(ctx, pad_token_id, warn)
         self.divide = _divide_factors(units, ctx.world)
 

@@ -95,3 +95,12 @@ def part_of(ranks: list, name: str) -> list:
     for r, g in enumerate(got):
         assert "error" not in g, f"rank {r}:\n{g['error']}"
     return got
+
+
+def worker_main(worker) -> None:
+    """The ``__main__`` of a worker script: ``worker(Path(sys.argv[1]))`` with transformers quiet."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    worker(Path(sys.argv[1]))
+    sys.exit(0)

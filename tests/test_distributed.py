@@ -15,14 +15,13 @@ different lengths is exercised.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import models_tiny as mt
-from dist_launch import Results, errors, init_worker, part_of
+from dist_launch import Results, errors, init_worker, part_of, worker_main
 
 WORLD = 2
 B, V, SEQ, STEPS, FRAC, LR = 4, 3, 10, 3, 0.5, 0.1
@@ -242,12 +241,7 @@ def launch(out: Path, timeout: float = TIMEOUT_S) -> list:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    _worker(Path(sys.argv[1]))
-    sys.exit(0)
+    worker_main(_worker)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,13 +9,12 @@ float32 reduce) trains close to the float32 run, and what is refused is refused 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 import models_tiny as mt
-from dist_launch import Results, errors, init_worker, part_of
+from dist_launch import Results, errors, init_worker, part_of, worker_main
 from test_distributed import B, FRAC, LR, STEPS, WORLD, assert_same_run, global_batches, shard  # the same batches
 
 TIMEOUT_S = 240
@@ -220,12 +219,7 @@ def _worker(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    _worker(Path(sys.argv[1]))
-    sys.exit(0)
+    worker_main(_worker)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,3 +152,8 @@ def test_drpost_section_is_the_engine_options():
     assert "seed" not in config_to_dict(cfg)["drpost"]
     with pytest.raises(ConfigError, match="unknown config key 'drpost.seed'.*did you mean 'train.seed'"):
         load_config(None, ["--drpost.seed", "1"])
+
+
+def test_train_fsdp_is_refused_outside_the_sft_recipe():
+    with pytest.raises(ConfigError, match="'train.fsdp' applies to the sft recipe only"):
+        load_config(None, ["--recipe", "rl", "--train.fsdp", "true"])

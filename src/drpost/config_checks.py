@@ -168,6 +168,8 @@ def validate(cfg) -> None:
            "must be distinct numbers in (0, 1]", sp.fracs)
 
     _choice("recipe", cfg.recipe, RECIPES)
+    _check(not (cfg.train.fsdp and cfg.recipe != "sft"), "train.fsdp",
+           "applies to the sft recipe only (the rl recipe runs in one process)", cfg.train.fsdp)
 
     _check(bool(cfg.output_dir), "output_dir", "must be a directory path", cfg.output_dir)
     if cfg.run_name is not None:

@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .config_checks import RECIPES, build_section, validate  # noqa: F401 (RECIPES: public)
+from .config_checks import RECIPES, SPECTRUM_BASELINES, build_section, validate  # noqa: F401 (public)
 from .config_values import ConfigError, Raw, coerce, parse_overrides
 from .engine.options import OptionError
 from .training_options import DrPostTrainingOptions, PolicyGradientOptions, check_int, policy_gradient_option
@@ -91,6 +91,8 @@ class DataConfig:
     system_prompt: Optional[str] = ""  # "" = an empty system turn; null = the chat template's default
     on_bad_row: str = "error"  # error | skip  (malformed rows of local sources)
     seed: Optional[int] = None  # data split/mixture seed (None: train.seed)
+    offline_share: float = 0.0  # LESS-style offline selection: keep this share of the pool by gradient cosine (0: off)
+    offline_warmup_steps: Optional[int] = None  # offline selection: plain warm-up steps before scoring (None: 10 % of train.steps)
 
 
 # The ``drpost:`` section: every engine option (help texts and checks in drpost.engine.options) plus
@@ -143,10 +145,11 @@ class EvalConfig:
 SPECTRUM_METHODS = ("standard", "global", "layerwise", "rowwise", "random", "target_only")
 
 
+
 @dataclass
 class SpectrumConfig:
     """``drpost spectrum``: the grid of runs (every other section is shared by all of them)."""
-    methods: list = field(default_factory=lambda: list(SPECTRUM_METHODS))  # drpost.feasible_set values
+    methods: list = field(default_factory=lambda: list(SPECTRUM_METHODS))  # drpost.feasible_set values, or offline
     seeds: list = field(default_factory=lambda: [0, 1, 2])  # train.seed (and the data seed, unless data.seed)
     fracs: list = field(default_factory=lambda: [0.5])  # drpost.frac of the selecting methods
     save_models: bool = False  # keep each run's final weights (full fine-tuning: ~0.5 GB a run)

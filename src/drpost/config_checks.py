@@ -16,6 +16,9 @@ from typing import Any
 from .config_values import ConfigError, coerce
 from .engine.options import OptionError
 
+# spectrum methods that are not feasible sets: offline = LESS-style selection, then standard training
+SPECTRUM_BASELINES = ("offline",)
+
 RECIPES = ("sft", "rl")
 
 
@@ -115,6 +118,10 @@ def validate(cfg) -> None:
     _choice("data.overlong", d.overlong, ("truncate", "drop"))
     _choice("data.on_bad_row", d.on_bad_row, ON_BAD_ROW)
     _check(d.seed is None or d.seed >= 0, "data.seed", "must be >= 0 or null", d.seed)
+    _check(0.0 <= d.offline_share <= 1.0, "data.offline_share", "must be in [0, 1] (0: no offline selection)",
+           d.offline_share)
+    _check(d.offline_warmup_steps is None or d.offline_warmup_steps >= 1, "data.offline_warmup_steps",
+           "must be >= 1 or null (null: 10 % of train.steps)", d.offline_warmup_steps)
 
     _check(r.target_batch_size <= d.n_target, "drpost.target_batch_size",
            f"must be <= data.n_target ({d.n_target})", r.target_batch_size)
@@ -156,7 +163,11 @@ def validate(cfg) -> None:
     sp = cfg.spectrum
     _check(len(sp.methods) >= 1, "spectrum.methods", "must list at least one method", sp.methods)
     for name in sp.methods:
-        _engine_accepts("spectrum.methods", r, feasible_set=name)
+        if name not in SPECTRUM_BASELINES:
+            from .feasible import FEASIBLE_SETS
+
+            _choice("spectrum.methods", name, tuple(FEASIBLE_SETS) + SPECTRUM_BASELINES)
+            _engine_accepts("spectrum.methods", r, feasible_set=name)
     _check(len(set(sp.methods)) == len(sp.methods), "spectrum.methods", "must not repeat a method", sp.methods)
     sp.seeds = [coerce(v, int, "spectrum.seeds") for v in sp.seeds]
     _check(len(sp.seeds) >= 1 and all(v >= 0 for v in sp.seeds) and len(set(sp.seeds)) == len(sp.seeds),

@@ -95,6 +95,10 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
     model, tokenizer = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=DTYPES[cfg.model.dtype],
                                   attn_implementation=cfg.model.attn_implementation)
     data = build_sft_data(cfg, tokenizer) if data is None else data
+    offline = None
+    if cfg.data.offline_share > 0:  # LESS-style: warm up, score the pool, keep its top share (drpost.recipes.offline)
+        data, offline = _offline(cfg, data, tokenizer, resume, progress, ranks)
+        set_seed(cfg.train.seed)  # the run itself starts from the same RNG state as any other method's
     model = prepare_trainable(model, cfg)
     if cfg.train.fsdp:
         if ranks.world < 2:
@@ -107,6 +111,8 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
     if ranks.main:
         make_run_dir(cfg, resume, overwrite)
         save_config(cfg, run_dir / "config.yaml")
+        if offline is not None:
+            (run_dir / "offline.json").write_text(json.dumps(jsonable(offline), indent=1))
     ranks.barrier()
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -156,11 +162,37 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
 
     metrics = _metrics(cfg, data, final, log_history, timer, run_dir, n_trainable, n_total, resume, checkpoint)
     metrics["seconds_total"] = time.perf_counter() - t_start
+    if offline is not None:
+        metrics["offline"] = _offline_cost(offline, metrics["seconds_per_step"])
     _write_outputs(run_dir, metrics, log_history, final)
     print(_summary_line(metrics), flush=True)
     del trainer, model
     gc.collect()
     return metrics
+
+
+def _offline(cfg: Config, data: SFTData, tokenizer, resume: bool, progress: bool, ranks) -> tuple[SFTData, dict]:
+    """The general pool cut to the offline selection's subset (recomputed, or on resume read back from
+    the run's ``offline.json``)."""
+    import dataclasses
+
+    from drpost.recipes.offline import offline_subset
+
+    if ranks.world > 1:
+        raise ValueError("data.offline_share (offline selection) runs in one process: launch the run without torchrun")
+    saved = cfg.run_dir / "offline.json"
+    if resume and saved.is_file():
+        info = json.loads(saved.read_text())
+        return dataclasses.replace(data, general=data.general.select(info["kept_indices"])), info
+    return offline_subset(cfg, data, tokenizer, progress=progress)
+
+
+def _offline_cost(info: dict, seconds_per_step: float | None) -> dict:
+    """The offline selection's record without its per-row lists, with its cost in training steps."""
+    out = {k: v for k, v in info.items() if k not in ("scores", "kept_indices")}
+    if seconds_per_step:
+        out["cost_in_steps"] = (info["seconds_warmup"] + info["seconds_scoring"]) / seconds_per_step
+    return out
 
 
 def _task_eval_settings(cfg: Config, data: SFTData) -> dict:

@@ -41,12 +41,18 @@ from pathlib import Path
 
 from drpost.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from drpost.recipes.common import RunDirError, jsonable
+from drpost.recipes.offline import OFFLINE_SHARE
 from drpost.recipes.sft import run_sft
+from drpost.stats import ALPHA, paired, verdict
 
-__all__ = ["run_spectrum", "grid", "summarise", "format_summary", "UNCONSTRAINED"]
+__all__ = ["run_spectrum", "grid", "summarise", "format_summary", "comparisons", "format_comparisons",
+           "UNCONSTRAINED", "BASELINES"]
 
-# Feasible sets without a frac: they run once per seed, at the ends of the spectrum.
-UNCONSTRAINED = {"standard": 1.0, "target_only": 0.0}
+# Methods without a frac: they run once per seed; standard and target_only at the ends of the
+# spectrum, offline (LESS-style selection of the pool, then standard training) at 1 (whole batches).
+UNCONSTRAINED = {"standard": 1.0, "target_only": 0.0, "offline": 1.0}
+# The methods drpost is compared with (the best of them is "the best baseline" of the paired tests).
+BASELINES = ("standard", "offline", "greedy", "random", "target_only")
 _GEN_METRICS = ("rougeL", "rouge1", "rouge2", "token_f1", "exact_match")
 
 
@@ -80,7 +86,9 @@ def grid(cfg: Config) -> list[GridPoint]:
 def point_config(cfg: Config, point: GridPoint) -> Config:
     """The ``drpost train`` config of one grid point."""
     raw = config_to_dict(cfg)
-    raw["drpost"].update(feasible_set=point.method, frac=1.0 if point.frac is None else point.frac)
+    method = "standard" if point.method == "offline" else point.method
+    raw["drpost"].update(feasible_set=method, frac=1.0 if point.frac is None else point.frac)
+    raw["data"]["offline_share"] = (cfg.data.offline_share or OFFLINE_SHARE) if point.method == "offline" else 0.0
     raw["train"]["seed"] = point.seed
     if not cfg.spectrum.save_models:
         raw["train"].update(save_final=False, save_steps=0)
@@ -173,7 +181,8 @@ def run_row(point: GridPoint, m: dict) -> dict:
            "seconds_per_step": m.get("seconds_per_step"),
            "target_like_batch": (m.get("target_like") or {}).get("batch"),
            "target_like_chosen": (m.get("target_like") or {}).get("chosen"),
-           "skipped_steps": sum(h.get("skipped_steps", 0) or 0 for h in m["history"]["train"])}
+           "skipped_steps": sum(h.get("skipped_steps", 0) or 0 for h in m["history"]["train"]),
+           "selection_cost_in_steps": (m.get("offline") or {}).get("cost_in_steps")}
     for name in _GEN_METRICS:
         if name in final:
             row[name] = final[name]
@@ -215,15 +224,94 @@ def summarise(runs: list[dict]) -> list[dict]:
              "seeds": [r["seed"] for r in rs]}
         for k in keys:
             s[k], s[k + "_se"] = _mean_se([r.get(k) for r in rs])
-        paired = [(r, standard[r["seed"]]) for r in rs if r["seed"] in standard]
+        pairs = [(r, standard[r["seed"]]) for r in rs if r["seed"] in standard]
         for k in ["test_ppl"] + metric_names(runs):
             s["d_" + k], s["d_" + k + "_se"] = _mean_se(
-                [r[k] - st[k] for r, st in paired if r.get(k) is not None and st.get(k) is not None])
+                [r[k] - st[k] for r, st in pairs if r.get(k) is not None and st.get(k) is not None])
+            s["d_" + k + "_p"] = _paired_test(rs, list(standard.values()), k).p
         s["time_ratio"], s["time_ratio_se"] = _mean_se(
-            [r["seconds_per_step"] / st["seconds_per_step"] for r, st in paired
+            [r["seconds_per_step"] / st["seconds_per_step"] for r, st in pairs
              if r.get("seconds_per_step") and st.get("seconds_per_step")])
         out.append(s)
     return out
+
+
+def _by_seed(rs: list[dict], key: str) -> dict:
+    return {r["seed"]: r[key] for r in rs if r.get(key) is not None}
+
+
+def _paired_test(a: list[dict], b: list[dict], key: str):
+    """``key`` of runs ``a`` minus runs ``b``, paired by seed (:func:`drpost.stats.paired`)."""
+    return paired(_by_seed(a, key), _by_seed(b, key))
+
+
+def _group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["frac"]), []).append(r)
+    return groups
+
+
+def _label(method: str, frac) -> str:
+    return method if frac is None else f"{method} {frac:g}"
+
+
+def comparisons(runs: list[dict], key: str) -> list[dict]:
+    """Every (method, frac) against standard and against the best baseline (:data:`BASELINES`: the one,
+    other than itself, with the best mean ``key`` over seeds), paired by seed, with the paired t-test's
+    p-value and a verdict only where p < 0.05 (:func:`drpost.stats.verdict`). ``key`` is ``test_ppl``
+    (lower is better) or a generation metric (higher is better)."""
+    lower = key == "test_ppl"
+    groups = _group_runs(runs)
+    means = {g: sum(v) / len(v) for g, rs in groups.items() if (v := [r[key] for r in rs if r.get(key) is not None])}
+    standard = groups.get(("standard", None), [])
+    out = []
+    for g, rs in groups.items():
+        if g not in means:
+            continue
+        row = {"method": g[0], "frac": g[1], "key": key, "n": len(rs), "mean": means[g]}
+        if g != ("standard", None) and standard:
+            t = _paired_test(rs, standard, key)
+            row.update(vs_standard=t, vs_standard_verdict=verdict(t, lower))
+        rivals = [b for b in means if b[0] in BASELINES and b != g]
+        if rivals:
+            best = min(rivals, key=lambda b: means[b]) if lower else max(rivals, key=lambda b: means[b])
+            t = _paired_test(rs, groups[best], key)
+            row.update(best_baseline=_label(*best), vs_best=t, vs_best_verdict=verdict(t, lower))
+        out.append(row)
+    return out
+
+
+def format_comparisons(rows: list[dict], title: str) -> str:
+    """The Markdown table of :func:`comparisons` for one key."""
+    def diff(t):
+        if t is None or t.mean is None:
+            return "-", "-"
+        text = format(t.mean, "+.3f" if abs(t.mean) < 10 else "+.2f") + ("" if t.se is None else f" ± {t.se:.3f}")
+        return text, "-" if t.p is None else f"{t.p:.3f}"
+
+    head = ["method", "seeds", title, "Δ vs standard", "p", "verdict", "best baseline", "Δ vs best baseline", "p",
+            "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        d1, p1 = diff(r.get("vs_standard"))
+        d2, p2 = diff(r.get("vs_best"))
+        lines.append("| " + " | ".join([
+            _label(r["method"], r["frac"]), str(r["n"]), f"{r['mean']:.3f}" if r["key"] != "test_ppl" else f"{r['mean']:.2f}",
+            d1, p1, r.get("vs_standard_verdict", "") if "vs_standard" in r else "",
+            r.get("best_baseline", "-"), d2, p2, r.get("vs_best_verdict", "") if "vs_best" in r else ""]) + " |")
+    return "\n".join(lines)
+
+
+def comparison_tables(runs: list[dict]) -> str:
+    """The paired-test tables of a spectrum: one per target metric, one for test perplexity."""
+    parts = []
+    for key in metric_names(runs) + ["test_ppl"]:
+        title = "test perplexity" if key == "test_ppl" else key
+        parts.append(f"Paired by seed, two-sided paired t-test; a verdict only where p < {ALPHA:g}, "
+                     f"{'lower' if key == 'test_ppl' else 'higher'} is better:\n\n"
+                     + format_comparisons(comparisons(runs, key), title))
+    return "\n\n".join(parts)
 
 
 def _pm(mean, se, fmt: str) -> str:
@@ -279,8 +367,10 @@ def _write(out: Path, cfg: Config, runs: list[dict], final: bool) -> dict:
         w.writeheader()
         w.writerows(summary)
     table = format_summary(summary, names)
-    (out / "summary.md").write_text(_summary_markdown(cfg, runs, table))
-    result = {"spectrum_dir": str(out), "table": table, "summary": summary, "runs": runs, "metrics": names,
+    tests = comparison_tables(runs)
+    (out / "summary.md").write_text(_summary_markdown(cfg, runs, table) + "\n" + tests + "\n")
+    result = {"spectrum_dir": str(out), "table": table, "tests": tests, "summary": summary, "runs": runs,
+              "metrics": names,
               "complete": final, "config": config_to_dict(cfg)}
     if final:
         from drpost.plots import plot_spectrum, plot_spectrum_curves

@@ -170,14 +170,14 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         if not isinstance(args, DrPostArguments):
             raise TypeError(f"DrPostTrainer needs DrPostArguments, got {type(args).__name__}; "
                             "DrPostArguments accepts every TrainingArguments field")
+        if args.frac_auto and args.world_size > 1:   # every rank sees the same arguments: all refuse
+            raise ValueError("frac='auto' runs in one process only: every rank would evaluate the validation slice "
+                             "itself and nothing makes the ranks agree on its loss to the last bit, so they could "
+                             "choose different fracs; under torchrun give frac a number (e.g. the one a "
+                             "single-process frac='auto' run chose: metrics.json auto_frac.chosen)")
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          *trainer_args, **kwargs)
         if args.world_size > 1:
-            if args.frac_auto:
-                raise ValueError("frac='auto' runs in one process only: every rank would evaluate the validation "
-                                 "slice itself and nothing makes the ranks agree on its loss to the last bit, so "
-                                 "they could choose different fracs; under torchrun give frac a number (e.g. the "
-                                 "one a single-process frac='auto' run chose: metrics.json auto_frac.chosen)")
             self._no_ddp_wrapping()
         self.target_dataset = self._check_target(target_dataset)
         self._reg: DataRegularizer | None = None

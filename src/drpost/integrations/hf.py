@@ -259,10 +259,11 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
             indices = indices[rank * n // world:(rank + 1) * n // world]
             if not indices:
                 return None
-        rows = []
-        for i in indices:
-            row = self.target_dataset[i]
-            rows.append({k: row[k] for k in _TARGET_KEYS if k in row})
+        return self._target_rows_batch(indices)
+
+    def _target_rows_batch(self, indices) -> dict:
+        """Target rows ``indices`` collated by the trainer's collator, on the device."""
+        rows = [{k: row[k] for k in _TARGET_KEYS if k in row} for row in (self.target_dataset[i] for i in indices)]
         return self._prepare_inputs(self.data_collator(rows))
 
     # ------------------------------------------------------------------ the regularizer
@@ -370,12 +371,8 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         training step's autocast (the prepared model inside ``compute_loss_context_manager``)."""
         from ..evaluation.perplexity import perplexity
 
-        rows = []
-        for i in self._auto.holdout:
-            row = self.target_dataset[i]
-            rows.append({k: row[k] for k in _TARGET_KEYS if k in row})
-        size = max(1, self.args.per_device_eval_batch_size)
-        batches = [self._prepare_inputs(self.data_collator(rows[j:j + size])) for j in range(0, len(rows), size)]
+        held, size = self._auto.holdout, max(1, self.args.per_device_eval_batch_size)
+        batches = [self._target_rows_batch(held[j:j + size]) for j in range(0, len(held), size)]
         with self.compute_loss_context_manager():
             return perplexity(model, batches)["loss"]
 

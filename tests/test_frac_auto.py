@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from drpost import DataRegularizer
-from drpost.config import ConfigError, load_config
+from drpost.config import ConfigError, config_to_dict, load_config, save_config
 from drpost.engine.options import OptionError
 from drpost.feasible import num_selected
 from drpost.frac_schedule import FracSchedule
@@ -139,9 +139,15 @@ def test_set_frac_changes_k_and_is_checked():
     reg.detach()
 
 
-def test_bare_engine_refuses_auto_with_the_way_to_use_it():
-    with pytest.raises(OptionError, match=r"trainer-level option.*DrPostArguments\(frac='auto'\).*set_frac"):
-        DataRegularizer(mt.llama(tied=False), frac="auto")
+def test_bare_engine_refuses_auto_with_the_way_to_use_it(tmp_path):
+    from drpost import DrPostOptions
+
+    model = mt.llama(tied=False)
+    for make in (lambda: DataRegularizer(model, frac="auto"), lambda: DrPostOptions(frac="auto"),
+                 lambda: DataRegularizer(model, make_args(tmp_path, **AUTO))):   # a trainer's options: no silent frac
+        with pytest.raises(OptionError, match=r"trainer-level option.*DrPostArguments\(frac='auto'\).*set_frac"):
+            make()
+    assert not any(m._forward_hooks for m in model.modules())       # nothing was attached
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -166,6 +172,14 @@ def test_trainer_plays_the_schedule_in_the_engine(tmp_path):
     chosen = auto.schedule.chosen
     assert chosen is not None and fracs[10:] == [chosen, chosen]
     assert [r["auto_candidates"] for r in logs] == [3] * 6 + [2] * 4 + [1] * 2
+
+
+def test_gradient_accumulation_keeps_one_frac_per_step(tmp_path):
+    t, _ = drpost_run(tmp_path, max_steps=8, gradient_accumulation_steps=2, per_device_train_batch_size=2, **AUTO)
+    fracs = t.auto_frac.fracs_per_step
+    assert len(fracs) == 8 and len(t.auto_frac.segments) == 3      # one entry per optimisation step
+    # micro-batches of 2 rows: k = floor(2 * frac) per micro-batch, summed over the step's two micro-batches
+    assert [r["selected_mean"] for r in train_logs(t)] == [2 * num_selected(2, f) for f in fracs]
 
 
 def test_validation_slice_never_enters_the_target_gradient(tmp_path, monkeypatch):
@@ -275,6 +289,7 @@ def test_yaml_cli_and_hf_parser_spellings(tmp_path):
                                                    "auto_holdout: 2\n  auto_every: 3")
                     .replace("n_target: 4", "n_target: 6"))
     cfg = load_config(path)
+    assert config_to_dict(load_config(save_config(cfg, tmp_path / "saved.yaml"))) == config_to_dict(cfg)
     r = cfg.drpost
     assert (r.frac, r.auto_fracs, r.auto_holdout, r.auto_every) == ("auto", [0.25, 1.0], 2, 3)
     values = r.trainer_values()

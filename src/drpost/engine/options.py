@@ -193,6 +193,8 @@ def overrides_of(options: DrPostOptions | None, **overrides) -> DrPostOptions:
     if not isinstance(base, DrPostOptions):
         raise TypeError(f"options must be a drpost.DrPostOptions, got {type(base).__name__}; pass the engine's "
                         "knobs as keywords (feasible_set='layerwise', frac=0.5, ...) or as DrPostOptions(...)")
+    if is_auto(getattr(base, "frac", None)) or is_auto(overrides.get("frac")):   # a trainer's options, frac='auto'
+        raise OptionError("frac", AUTO_IS_TRAINER_LEVEL)
     unknown = sorted(set(overrides) - set(option_names()))
     if unknown:
         raise TypeError(f"unknown drpost option(s) {unknown}; the options are {', '.join(option_names())}")

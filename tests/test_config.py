@@ -137,7 +137,8 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
 
 
 def test_drpost_section_is_the_engine_options():
-    """The drpost: section is DrPostOptions (plus target_batch_size); its seed is train.seed."""
+    """The drpost: section is DrPostOptions (plus target_batch_size and frac='auto''s knobs); its seed is
+    train.seed."""
     import dataclasses
 
     from drpost import DrPostOptions
@@ -145,7 +146,7 @@ def test_drpost_section_is_the_engine_options():
 
     engine = {f.name for f in dataclasses.fields(DrPostOptions)}
     keys = {k.split(".", 1)[1] for k in valid_keys() if k.startswith("drpost.")}
-    assert keys == engine - {"seed"} | {"target_batch_size"}
+    assert keys == engine - {"seed"} | {"target_batch_size", "auto_fracs", "auto_every", "auto_holdout"}
     cfg = load_config(None, ["--train.seed", "7", "--drpost.frac", "0.25"])
     assert isinstance(cfg.drpost, DrPostOptions) and cfg.drpost.nonfinite == "skip"
     assert cfg.drpost.engine_options() == DrPostOptions(frac=0.25, seed=7, nonfinite="skip")

@@ -146,6 +146,7 @@ _TRAIN_EPILOG = """\
 overrides (any number, after CONFIG):
   --section.key value | --section.key=value | --key value (a key found in one section only)
   e.g. --train.steps 20 --drpost.feasible_set standard --frac 0.25 --data.target.sections tech
+  --drpost.frac auto chooses frac online (drpost.auto_fracs, auto_every, auto_holdout; sft only)
   sections: model, data, drpost, train, eval, spectrum, rl; top level: output_dir, run_name, recipe
 flags:
   --resume      continue the run directory's last checkpoint (needs train.save_steps > 0)
@@ -159,7 +160,8 @@ checkpoint-N/ and final/.
 
 _SPECTRUM_EPILOG = """\
 Trains the recipe once per point of the grid spectrum.methods x spectrum.fracs x spectrum.seeds
-(standard and target_only once per seed: they have no frac), with everything else shared, then
+(standard and target_only once per seed: they have no frac; 'auto' among spectrum.fracs is a
+run with drpost.frac: auto, placed at the mean frac it used), with everything else shared, then
 writes a results table (mean +- standard error over seeds, paired differences to standard) and
 plots to <output_dir>/spectrum-<run_name>/: summary.md, summary.csv, runs.csv, spectrum.json,
 spectrum.png (metric and perplexity vs kept share), curves.png (per-step curves), runs/<point>/.

@@ -14,7 +14,7 @@ import math
 from typing import Any
 
 from .config_values import ConfigError, coerce
-from .engine.options import OptionError
+from .engine.options import OptionError, is_auto
 
 # spectrum methods that are not feasible sets: offline = LESS-style selection, then standard training
 SPECTRUM_BASELINES = ("offline",)
@@ -125,6 +125,16 @@ def validate(cfg) -> None:
 
     _check(r.target_batch_size <= d.n_target, "drpost.target_batch_size",
            f"must be <= data.n_target ({d.n_target})", r.target_batch_size)
+    if r.frac_auto:   # the validation slice comes out of the target examples
+        _check(r.auto_holdout < d.n_target, "drpost.auto_holdout",
+               f"must be < data.n_target ({d.n_target}) with drpost.frac: auto (the held-out validation slice "
+               "would leave no target example for the target gradient); raise data.n_target or lower it",
+               r.auto_holdout)
+        _check(r.target_batch_size <= d.n_target - r.auto_holdout, "drpost.target_batch_size",
+               f"must be <= data.n_target - drpost.auto_holdout ({d.n_target} - {r.auto_holdout}) with "
+               "drpost.frac: auto (the target examples left after the validation slice)", r.target_batch_size)
+        _check(cfg.recipe == "sft", "drpost.frac", "'auto' applies to the sft recipe only (the rl recipe has "
+               "no validation slice); give drpost.frac a number in (0, 1]", r.frac)
 
     _check(t.steps >= 1, "train.steps", "must be >= 1", t.steps)
     _check(t.lr > 0 and math.isfinite(t.lr), "train.lr", "must be a positive number", t.lr)
@@ -172,11 +182,17 @@ def validate(cfg) -> None:
     sp.seeds = [coerce(v, int, "spectrum.seeds") for v in sp.seeds]
     _check(len(sp.seeds) >= 1 and all(v >= 0 for v in sp.seeds) and len(set(sp.seeds)) == len(sp.seeds),
            "spectrum.seeds", "must be distinct integers >= 0", sp.seeds)
-    sp.fracs = [coerce(v, float, "spectrum.fracs") for v in sp.fracs]
+    sp.fracs = ["auto" if is_auto(v) else coerce(v, float, "spectrum.fracs") for v in sp.fracs]
     for frac in sp.fracs:
-        _engine_accepts("spectrum.fracs", r, frac=frac)
+        if frac == "auto":   # frac chosen online by the trainer: its knobs are the drpost section's auto_*
+            try:
+                dataclasses.replace(r, frac="auto", feasible_set="layerwise")
+            except OptionError as err:
+                raise _option_error("spectrum.fracs", type(r), err, frac) from None
+        else:
+            _engine_accepts("spectrum.fracs", r, frac=frac)
     _check(len(sp.fracs) >= 1 and len(set(sp.fracs)) == len(sp.fracs), "spectrum.fracs",
-           "must be distinct numbers in (0, 1]", sp.fracs)
+           "must be distinct numbers in (0, 1] (or 'auto')", sp.fracs)
 
     _choice("recipe", cfg.recipe, RECIPES)
     _check(not (cfg.train.fsdp and cfg.recipe != "sft"), "train.fsdp",

@@ -30,11 +30,18 @@ _NULL = {"null", "none", "~", ""}
 
 def coerce(value: Any, typ: Any, key: str) -> Any:
     """Convert ``value`` (from YAML, or :class:`Raw` text from the command line) to ``typ``."""
-    if typing.get_origin(typ) is typing.Union:  # Optional[X]
-        inner = [a for a in typing.get_args(typ) if a is not type(None)][0]
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NULL and inner is not str) \
-                or (isinstance(value, Raw) and value.strip().lower() in ("null", "none", "~")):
+    if typing.get_origin(typ) is typing.Union:  # Optional[X], or X | Y (the first that converts)
+        members = [a for a in typing.get_args(typ) if a is not type(None)]
+        inner = members[0]
+        if type(None) in typing.get_args(typ) and (
+                value is None or (isinstance(value, str) and value.strip().lower() in _NULL and str not in members)
+                or (isinstance(value, Raw) and value.strip().lower() in ("null", "none", "~"))):
             return None
+        for other in members[1:]:
+            try:
+                return coerce(value, inner, key)
+            except ConfigError:
+                inner = other
         return coerce(value, inner, key)
 
     def bad(expected: str) -> ConfigError:
@@ -88,6 +95,10 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str):
             return str(value)
         raise bad("a string")
+    if typing.get_origin(typ) is list:  # list[X]: a list, each item converted to X
+        items = coerce(value, list, key)
+        (item_type,) = typing.get_args(typ)
+        return [coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(items)]
     if typ is list:
         if isinstance(value, Raw):
             text = value.strip()

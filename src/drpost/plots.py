@@ -241,7 +241,7 @@ def plot_demo(metrics: dict, run_dir: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------ drpost spectrum
 def _label(method: str, frac) -> str:
-    return method if frac is None else f"{method} {frac:g}"
+    return method if frac is None else f"{method} {frac}" if isinstance(frac, str) else f"{method} {frac:g}"
 
 
 def plot_spectrum(summary: list[dict], metric_names: list[str], path: str | Path, title: str = "") -> Path:
@@ -307,7 +307,8 @@ def plot_spectrum_curves(runs: list[dict], path: str | Path, title: str = "") ->
         groups.setdefault((r["method"], r["frac"]), []).append(r)
     for i, ((method, frac), rs) in enumerate(groups.items()):
         color = _color(method, i)
-        style = "--" if frac is not None and frac != max(f for m, f in groups if m == method) else "-"
+        numeric = [f for m, f in groups if m == method and isinstance(f, (int, float))]   # 'auto' is dotted
+        style = ":" if isinstance(frac, str) else "--" if frac is not None and frac != max(numeric) else "-"
         for ax, curves in (
             (ax1, [[(e["step"], e["ppl"]) for e in r["history"]["eval"] if e.get("ppl") is not None] for r in rs]),
             (ax2, [[(h["step"], h["target_loss" if method == "target_only" else "loss"]) for h in r["history"]["train"]

@@ -17,9 +17,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
-from .engine.options import DrPostOptions, OptionError, check_int, help_meta, option
+from .engine.options import DrPostOptions, OptionError, check_int, help_meta, is_auto, option, option_names
+from .feasible import check_frac
+from .frac_schedule import DEFAULT_AUTO_FRACS, FracSchedule
 
 ALGORITHMS = ("grpo", "rloo")
 TARGET_LOSSES = ("reward", "train-loss")
@@ -41,10 +43,24 @@ class DrPostTrainingOptions(DrPostOptions):
 
     TRAINER_OWNED: ClassVar[tuple] = ("seed",)
 
+    # a number in (0, 1] or 'auto' (Optional only so that HfArgumentParser reads the flag as text,
+    # `--frac auto`; None is refused by the check)
+    frac: Optional[Union[float, str]] = option("frac", 0.5)
     nonfinite: str = option("nonfinite", "skip")
     target_batch_size: int = field(default=2, metadata={"help": (
         "Target rows drawn per optimisation step (shared by all its micro-batches; with several processes, "
         "the whole target batch, split between the ranks).")})
+    auto_fracs: list[float] = field(default_factory=lambda: list(DEFAULT_AUTO_FRACS), metadata={"help": (
+        "frac='auto': the candidate fracs (distinct numbers in (0, 1]). Successive elimination: each round plays "
+        "every remaining candidate for auto_every steps (in a seeded random order) and then drops the one whose "
+        "segments lowered the validation-slice loss least (relative drop, mean over its segments; ties keep the "
+        "larger frac), until one is left for the rest of training.")})
+    auto_every: int = field(default=5, metadata={"help": (
+        "frac='auto': optimisation steps per segment (one candidate frac played, then the validation slice "
+        "evaluated once).")})
+    auto_holdout: int = field(default=4, metadata={"help": (
+        "frac='auto': target examples held out of the target set as the validation slice (never used for the "
+        "target gradient); must leave at least target_batch_size target examples.")})
 
     def __post_init__(self):
         self.check_training_options()
@@ -53,6 +69,58 @@ class DrPostTrainingOptions(DrPostOptions):
         """The engine's checks, then the trainer's."""
         self.check_options()
         check_int(self, "target_batch_size", 1, "a positive integer")
+        self.check_auto_options()
+
+    def check_frac_option(self) -> None:
+        """``frac`` is a number in (0, 1] (a numeric text is read as one) or 'auto'."""
+        if is_auto(self.frac):
+            self.frac = "auto"
+            return
+        if isinstance(self.frac, str):
+            try:
+                self.frac = float(self.frac)
+            except ValueError:
+                raise OptionError("frac", f"frac must be a number in (0, 1] or 'auto', got {self.frac!r}") from None
+        super().check_frac_option()
+
+    @property
+    def frac_auto(self) -> bool:
+        return self.frac == "auto"
+
+    def check_auto_options(self) -> None:
+        """The knobs of frac='auto' (checked whatever frac is, so that a typo shows at once)."""
+        fracs = self.auto_fracs
+        if isinstance(fracs, (int, float, str)):
+            fracs = [fracs]
+        try:
+            fracs = [float(f) for f in fracs]
+            for f in fracs:
+                check_frac(f)
+        except (TypeError, ValueError):
+            raise OptionError("auto_fracs", f"auto_fracs must be distinct numbers in (0, 1] (the candidates of "
+                                            f"frac='auto'), got {self.auto_fracs!r}") from None
+        if not fracs or len(set(fracs)) != len(fracs):
+            raise OptionError("auto_fracs", f"auto_fracs must be a non-empty list of distinct numbers in (0, 1] "
+                                            f"(the candidates of frac='auto'), got {self.auto_fracs!r}")
+        self.auto_fracs = fracs
+        check_int(self, "auto_every", 1, "a positive integer (optimisation steps per segment)")
+        check_int(self, "auto_holdout", 1, "a positive integer (target examples held out as the validation slice)")
+        if self.frac_auto and not self.selects:
+            raise OptionError("frac", f"frac='auto' needs a feasible set that has a frac; feasible_set="
+                                      f"{self.feasible_set!r} has none (standard trains on every general row, "
+                                      "target_only on none): choose e.g. layerwise, global, rowwise, filter, greedy "
+                                      "or random, or give frac a number")
+
+    def first_frac(self) -> float:
+        """The frac a run starts with: ``frac``, or with 'auto' the first candidate the schedule plays."""
+        return FracSchedule(self.auto_fracs, self.seed).frac if self.frac_auto else float(self.frac)
+
+    def engine_options(self) -> DrPostOptions:
+        """The engine's options; with frac='auto' those of the run's first step (the trainer changes frac
+        between steps, ``DataRegularizer.set_frac``)."""
+        values = {name: getattr(self, name) for name in option_names()}
+        values["frac"] = self.first_frac()
+        return DrPostOptions(**values)
 
     def trainer_values(self) -> dict:
         """What a trainer takes from a recipe's ``drpost:`` section (every field but the trainer's own)."""

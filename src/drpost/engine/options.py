@@ -34,6 +34,18 @@ NONFINITE = ("error", "skip")
 FIXED_SCOPE = {"global": "global", "layerwise": "layer", "rowwise": "layer"}
 
 
+AUTO_IS_TRAINER_LEVEL = (
+    "frac='auto' is a trainer-level option: choosing frac online needs a held-out validation slice of "
+    "target examples and a training loop that changes frac between steps, which DataRegularizer has not; "
+    "use DrPostTrainer with DrPostArguments(frac='auto') (or `drpost train CONFIG --drpost.frac auto`), or "
+    "give DataRegularizer a number in (0, 1] and change it between steps with DataRegularizer.set_frac(f)")
+
+
+def is_auto(frac) -> bool:
+    """Is ``frac`` the trainer-level setting 'auto' (any case)?"""
+    return isinstance(frac, str) and frac.strip().lower() == "auto"
+
+
 class OptionError(ValueError):
     """A bad value of one engine option; ``.option`` names it (front ends prefix their own key)."""
 
@@ -67,7 +79,8 @@ class DrPostOptions:
     frac: float = field(default=0.5, metadata=help_meta(
         "Regularization strength in (0, 1]: top-k feasible sets keep k = max(1, floor(B * frac)) general "
         "samples per decision; 'filter' drops this share of the negatively scored samples. frac=1 keeps "
-        "every sample (plain training for the top-k sets)."))
+        "every sample (plain training for the top-k sets). The trainers (DrPostTrainer, drpost train) also "
+        "take 'auto': frac chosen online among auto_fracs by the loss of a held-out slice of target examples."))
     scoring: str = field(default="auto", metadata=help_meta(
         "How the per-sample scores <G_i, g_T> are computed: 'reduced_ghost', 'pairwise_ghost', 'direct', "
         "'sketch' (approximate) or 'auto' (the cheapest exact back-end per layer).", BACKENDS))
@@ -108,11 +121,7 @@ class DrPostOptions:
             value = getattr(self, f.name)
             if choices is not None and value not in choices:
                 raise OptionError(f.name, f"unknown {f.name} {value!r}; choose one of {', '.join(choices)}")
-        try:
-            check_frac(self.frac)
-        except ValueError as err:
-            raise OptionError("frac", str(err)) from None
-        self.frac = float(self.frac)
+        self.check_frac_option()
         check_int(self, "refresh_every", 1, "a positive integer")
         check_int(self, "seed", 0)
         for name in ("greedy_lr", "direct_max_mb"):
@@ -128,6 +137,16 @@ class DrPostOptions:
             parse_sketch(self.sketch)
         except ValueError as err:
             raise OptionError("sketch", str(err)) from None
+
+    def check_frac_option(self) -> None:
+        """``frac`` is a number in (0, 1] (the trainers' options also accept 'auto')."""
+        if is_auto(self.frac):
+            raise OptionError("frac", AUTO_IS_TRAINER_LEVEL)
+        try:
+            check_frac(self.frac)
+        except ValueError as err:
+            raise OptionError("frac", str(err)) from None
+        self.frac = float(self.frac)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -174,6 +193,8 @@ def overrides_of(options: DrPostOptions | None, **overrides) -> DrPostOptions:
     if not isinstance(base, DrPostOptions):
         raise TypeError(f"options must be a drpost.DrPostOptions, got {type(base).__name__}; pass the engine's "
                         "knobs as keywords (feasible_set='layerwise', frac=0.5, ...) or as DrPostOptions(...)")
+    if is_auto(getattr(base, "frac", None)) or is_auto(overrides.get("frac")):   # a trainer's options, frac='auto'
+        raise OptionError("frac", AUTO_IS_TRAINER_LEVEL)
     unknown = sorted(set(overrides) - set(option_names()))
     if unknown:
         raise TypeError(f"unknown drpost option(s) {unknown}; the options are {', '.join(option_names())}")

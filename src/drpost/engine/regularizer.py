@@ -19,6 +19,7 @@ The model is never wrapped: forward hooks are registered on its modules and remo
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -182,6 +183,18 @@ class DataRegularizer:
     def last_selection(self) -> dict:
         """{layer: LongTensor of chosen general-sample indices} (forces a host sync; not for rowwise)."""
         return {k: m.nonzero().flatten() for k, m in self.last_masks.items() if m.dim() == 1}
+
+    # ------------------------------------------------------------------ changing the strength
+    def set_frac(self, frac: float) -> None:
+        """Change the regularization strength between optimisation steps (e.g. a trainer choosing it
+        online, ``frac='auto'``): checked as ``DrPostOptions.frac`` is (OptionError), applied from the
+        next call of :meth:`backward`. Not in the middle of an accumulated step (the micro-batches of
+        one step select with one frac). Distributed: every rank must set the same value (the ranks
+        compared their options once, at construction)."""
+        if self._pipeline.step.stats is not None:      # a micro-batch of this step ran without finalize
+            raise RuntimeError("DataRegularizer.set_frac in the middle of an accumulated step: call it before the "
+                               "first micro-batch of a step (after the call with finalize=True)")
+        self.options = self._pipeline.options = dataclasses.replace(self.options, frac=frac)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

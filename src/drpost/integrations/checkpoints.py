@@ -1,7 +1,7 @@
 """Crash-safe checkpoints of :class:`drpost.integrations.DrPostTrainer` (a mixin of the Trainer).
 
-``drpost_state.pt`` in every ``checkpoint-N`` folder holds the target sampler's state and
-``DataRegularizer.state_dict()``; the stock Trainer's files and it are written into a staging folder,
+``drpost_state.pt`` in every ``checkpoint-N`` folder holds the target sampler's state,
+``DataRegularizer.state_dict()`` and, with ``frac='auto'``, the schedule's state; the stock Trainer's files and it are written into a staging folder,
 a SHA-256 manifest is written last and the folder is renamed in one atomic step
 (:mod:`drpost.checkpoint`). On resume the newest folder whose manifest verifies is taken.
 """
@@ -23,15 +23,16 @@ DRPOST_STATE_NAME = "drpost_state.pt"
 
 
 class CrashSafeCheckpoints:
-    """The checkpoint half of DrPostTrainer: needs ``self._reg``, ``self._sampler`` and
-    ``self._pending_reg_state`` (set by the trainer) besides the Trainer's own attributes."""
+    """The checkpoint half of DrPostTrainer: needs ``self._reg``, ``self._sampler``, ``self._auto``
+    (frac='auto') and ``self._pending_reg_state`` (set by the trainer) besides the Trainer's own attributes."""
 
     def drpost_state_dict(self) -> dict:
         reg = self._reg
         return {"format": 2,
                 "target_sampler": None if self._sampler is None else self._sampler.state_dict(),
                 "regularizer": reg.state_dict() if reg is not None else self._pending_reg_state,
-                "feasible_set": self.args.feasible_set}
+                "feasible_set": self.args.feasible_set,
+                "auto_frac": None if self._auto is None else self._auto.state_dict()}
 
     def _save_checkpoint(self, model, trial) -> None:
         """The stock Trainer's checkpoint, written crash-safely (:mod:`drpost.checkpoint`): every file
@@ -91,6 +92,10 @@ class CrashSafeCheckpoints:
         if state.get("target_sampler") is not None and self._sampler is not None:
             self._sampler.load_state_dict(state["target_sampler"])
         self._pending_reg_state = state.get("regularizer")
+        if self._auto is not None:
+            if state.get("auto_frac") is None:
+                raise ValueError(f"{checkpoint} was written by a run without frac='auto': resume it with its own frac")
+            self._auto.load_state_dict(state["auto_frac"])
 
     def _resume_checkpoint(self, checkpoint):
         """``train(resume_from_checkpoint=...)``: the folder to resume from (True: the newest complete one),

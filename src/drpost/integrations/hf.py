@@ -46,6 +46,13 @@ How the pieces map onto the Trainer (transformers 5):
   folder, a SHA-256 manifest written last, an atomic rename, rotation afterwards);
   ``resume_from_checkpoint=True`` takes the newest folder whose manifest verifies and reports the
   broken ones it skips; a named broken folder raises ``CheckpointError``.
+* **frac='auto'** (:mod:`drpost.integrations.auto_frac`): ``auto_holdout`` target rows (a seeded
+  choice) are held out of the sampler's rows as a validation slice; the candidates ``auto_fracs``
+  are played ``auto_every`` steps at a time by successive elimination on the slice's relative loss
+  drop, and the regularizer's frac is changed between steps (``DataRegularizer.set_frac``). The
+  frac of each step is logged as ``auto_frac`` (mean over the logging interval, with
+  ``auto_candidates``, the candidates still alive); ``trainer.auto_frac.summary()`` has the whole
+  history. The schedule's state is checkpointed with the rest. One process only.
 * **Activation checkpointing.** ``gradient_checkpointing=True`` (``activation_checkpointing``, with
   ``use_reentrant`` True or False in its kwargs) works unchanged: the Trainer enables it on the
   model before the first step and the engine's hooks are idempotent under the recomputation
@@ -98,6 +105,7 @@ from .. import checkpoint as ckpt
 from ..batch import IGNORE_INDEX
 from ..engine import DataRegularizer, NonFiniteError, OptionError
 from ..training_options import DrPostTrainingOptions, check_int
+from .auto_frac import AutoFrac, holdout_rows
 from .checkpoints import DRPOST_STATE_NAME, CrashSafeCheckpoints, _checkpoint_step
 from .sharded_checkpoints import ShardedCheckpoints
 from .target_sampler import TargetSampler
@@ -131,6 +139,11 @@ class DrPostArguments(TrainingArguments, DrPostTrainingOptions):
         try:
             self.check_training_options()
             check_int(self, "n_target")
+            if self.frac_auto and self.auto_holdout >= self.n_target:
+                raise OptionError("auto_holdout", f"auto_holdout must be < n_target ({self.n_target}) with "
+                                                  "frac='auto': the validation slice held out of the target "
+                                                  "examples would leave none for the target gradient, got "
+                                                  f"{self.auto_holdout}")
         except OptionError as err:
             raise OptionError(err.option, f"DrPostArguments: {err}") from None
         TrainingArguments.__post_init__(self)
@@ -157,6 +170,11 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         if not isinstance(args, DrPostArguments):
             raise TypeError(f"DrPostTrainer needs DrPostArguments, got {type(args).__name__}; "
                             "DrPostArguments accepts every TrainingArguments field")
+        if args.frac_auto and args.world_size > 1:   # every rank sees the same arguments: all refuse
+            raise ValueError("frac='auto' runs in one process only: every rank would evaluate the validation slice "
+                             "itself and nothing makes the ranks agree on its loss to the last bit, so they could "
+                             "choose different fracs; under torchrun give frac a number (e.g. the one a "
+                             "single-process frac='auto' run chose: metrics.json auto_frac.chosen)")
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
                          *trainer_args, **kwargs)
         if args.world_size > 1:
@@ -209,6 +227,11 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
                              f"{a.n_target}: pass the full target split, or lower n_target")
         if n < a.target_batch_size:
             raise ValueError(f"target_batch_size={a.target_batch_size} is larger than the target dataset ({n} rows)")
+        if a.frac_auto and n - a.auto_holdout < a.target_batch_size:
+            raise ValueError(f"frac='auto' holds auto_holdout={a.auto_holdout} of the {n} target rows out as its "
+                             f"validation slice, which leaves {n - a.auto_holdout} for the target gradient, fewer "
+                             f"than target_batch_size={a.target_batch_size}: pass more target rows, or lower "
+                             "auto_holdout or target_batch_size")
         empty = []
         for i in range(n):
             row = target[i]
@@ -229,17 +252,18 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
     def _target_batch_for_step(self) -> dict | None:
         if self._sampler is None:
             return None
-        indices = self._sampler.next_indices()     # the same on every rank (same seed and state)
+        indices = [self._target_rows[i] for i in self._sampler.next_indices()]   # the same on every rank
         world, rank = self.args.world_size, self.args.process_index
         if world > 1:                              # this rank's contiguous slice; the engine gathers them
             n = len(indices)
             indices = indices[rank * n // world:(rank + 1) * n // world]
             if not indices:
                 return None
-        rows = []
-        for i in indices:
-            row = self.target_dataset[i]
-            rows.append({k: row[k] for k in _TARGET_KEYS if k in row})
+        return self._target_rows_batch(indices)
+
+    def _target_rows_batch(self, indices) -> dict:
+        """Target rows ``indices`` collated by the trainer's collator, on the device."""
+        rows = [{k: row[k] for k in _TARGET_KEYS if k in row} for row in (self.target_dataset[i] for i in indices)]
         return self._prepare_inputs(self.data_collator(rows))
 
     # ------------------------------------------------------------------ the regularizer
@@ -265,10 +289,15 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         if self._reg is not None:
             self._reg.detach()
             self._reg = None
-        t = self.target_dataset
-        self._sampler = None if t is None else TargetSampler(len(t), self.args.target_batch_size, self.args.seed)
+        t, a = self.target_dataset, self.args
+        # frac='auto': the validation slice is held out of the target rows the sampler draws from
+        held = holdout_rows(len(t), a.auto_holdout, a.seed) if a.frac_auto and t is not None else []
+        self._target_rows = [] if t is None else sorted(set(range(len(t))) - set(held))
+        self._auto = AutoFrac(a.auto_fracs, a.auto_every, a.seed, held) if a.frac_auto and t is not None else None
+        self._sampler = None if t is None else TargetSampler(len(self._target_rows), a.target_batch_size, a.seed)
         self._pending_reg_state = None
         self._target_batch = None
+        self._auto_step_frac = None
         self._step_tokens = None
         self._micro: list = []
         self._metrics: dict = {}
@@ -299,6 +328,11 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         inputs = self._prepare_inputs(inputs)
         reg = self._regularizer_for(model)
         if self._target_batch is None:                  # first micro-batch of an optimisation step
+            if self._auto is not None:
+                self._auto_step_frac = self._auto.before_step(self.state.global_step,
+                                                              lambda: self._validation_loss(model))
+                if reg.frac != self._auto_step_frac:
+                    reg.set_frac(self._auto_step_frac)
             self._target_batch = self._target_batch_for_step()
         finalize = bool(self.accelerator.sync_gradients)  # the Trainer steps the optimizer after this one
         try:
@@ -312,6 +346,12 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
             self._log_selection(reg, stats, finalize)
         if finalize:
             self._target_batch = None
+            if self._auto is not None:
+                self._auto.after_step(self._auto_step_frac)
+                for name, value in (("auto_frac", self._auto_step_frac),
+                                    ("auto_candidates", len(self._auto.schedule.alive))):
+                    total, n = self._metrics.get(name, (0.0, 0))
+                    self._metrics[name] = (total + value, n + 1)
         if self._step_tokens is not None:
             loss = stats.general_loss * stats.general_tokens / self._step_tokens.to(stats.general_loss.device)
             if self.args.world_size > 1:
@@ -319,6 +359,22 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         else:
             loss = stats.general_loss / self.current_gradient_accumulation_steps
         return loss.detach().to(device=self.args.device, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ frac='auto'
+    @property
+    def auto_frac(self) -> AutoFrac | None:
+        """frac='auto': the schedule's bookkeeping (``.frac``, ``.schedule``, ``.summary()``); else None."""
+        return self._auto
+
+    def _validation_loss(self, model) -> float:
+        """Token-mean cross-entropy of the validation slice's supervised tokens: eval mode, no grad, the
+        training step's autocast (the prepared model inside ``compute_loss_context_manager``)."""
+        from ..evaluation.perplexity import perplexity
+
+        held, size = self._auto.holdout, max(1, self.args.per_device_eval_batch_size)
+        batches = [self._target_rows_batch(held[j:j + size]) for j in range(0, len(held), size)]
+        with self.compute_loss_context_manager():
+            return perplexity(model, batches)["loss"]
 
     # ------------------------------------------------------------------ logs
     def _record(self, stats, finalize: bool) -> None:

@@ -17,7 +17,9 @@ Run directory ``<output_dir>/<run_name>/``:
 
 - ``config.yaml``: the resolved config;
 - ``metrics.json``: final metrics, the step-0 and best perplexity, the per-evaluation history,
-  the training-loss history, seconds per step, data statistics;
+  the training-loss history, seconds per step, data statistics; with ``drpost.frac: auto``,
+  ``auto_frac``: the schedule's segments (frac, validation losses, reward), eliminations, the
+  chosen frac, the frac of every step and their mean (None for a numeric frac);
 - ``train_log.jsonl``: the Trainer's log history, one JSON object per line;
 - ``predictions.json``: the generated test answers with their references;
 - ``tensorboard/``: TensorBoard event files (loss, drpost selection statistics, eval perplexity);
@@ -156,11 +158,13 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
         final.update(test_loss=ppl_logs[-1]["eval_loss"], test_ppl=ppl_logs[-1]["eval_ppl"],
                      test_tokens=ppl_logs[-1].get("eval_tokens"), step=trainer.state.global_step)
         log_history = list(trainer.state.log_history)
+        auto = None if trainer.auto_frac is None else trainer.auto_frac.summary()  # drpost.frac: auto
     finally:
         if trainer.regularizer is not None:
             trainer.regularizer.detach()
 
     metrics = _metrics(cfg, data, final, log_history, timer, run_dir, n_trainable, n_total, resume, checkpoint)
+    metrics["auto_frac"] = auto
     metrics["seconds_total"] = time.perf_counter() - t_start
     if offline is not None:
         metrics["offline"] = _offline_cost(offline, metrics["seconds_per_step"])
@@ -466,7 +470,8 @@ def _metrics(cfg: Config, data: SFTData, final: dict, log_history: list, timer: 
              n_trainable: int, n_total: int, resume: bool, checkpoint: str | None) -> dict:
     evals = [{"step": h["step"], "loss": h["eval_loss"], "ppl": h["eval_ppl"]} for h in log_history if "eval_ppl" in h]
     keys = ("loss", "general_loss", "target_loss", "selected_mean", "selected_min", "selected_max", "selected_tokens",
-            "skipped_steps", "grad_norm", "learning_rate", "target_like_batch", "target_like_chosen")
+            "skipped_steps", "grad_norm", "learning_rate", "target_like_batch", "target_like_chosen", "auto_frac",
+            "auto_candidates")
     train = [{"step": h["step"], **{k: h[k] for k in keys if k in h}} for h in log_history if "loss" in h]
     best = min(evals, key=lambda e: e["ppl"]) if evals else None
     start = next((e for e in evals if e["step"] == 0), None)

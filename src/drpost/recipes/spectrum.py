@@ -5,7 +5,9 @@ One recipe (a :class:`~drpost.config.Config`) is trained once per point of the g
 everything else (data, model, steps, learning rate, evaluation) is shared, so the runs differ only
 in the feasible set, its ``frac`` and the seed. ``standard`` (the whole general batch) and
 ``target_only`` (no general data) have no ``frac``: they run once per seed and sit at the two ends
-of the spectrum (kept share 1 and 0) in the plots.
+of the spectrum (kept share 1 and 0) in the plots. ``auto`` among ``spectrum.fracs`` is a point
+trained with ``drpost.frac: auto`` (run ``<method>-fracauto-seed<s>``), plotted at the mean frac its
+steps used.
 
 The seed sets ``train.seed`` and, unless ``data.seed`` is fixed, the data seed too: each seed is
 a different draw of the target examples, the test split and the general pool, shared by every
@@ -56,20 +58,28 @@ BASELINES = ("standard", "offline", "greedy", "random", "target_only")
 _GEN_METRICS = ("rougeL", "rouge1", "rouge2", "token_f1", "exact_match")
 
 
+def frac_text(frac) -> str:
+    """A grid point's frac as written in names and tables: '0.25', 'auto' (chosen online), '-' (none)."""
+    return "-" if frac is None else frac if isinstance(frac, str) else f"{frac:g}"
+
+
 @dataclass(frozen=True)
 class GridPoint:
     method: str
-    frac: float | None  # None: standard / target_only
+    frac: float | str | None  # None: standard / target_only; "auto": drpost.frac: auto (chosen online)
     seed: int
 
     @property
     def name(self) -> str:
-        frac = "" if self.frac is None else f"-frac{self.frac:g}"
+        frac = "" if self.frac is None else f"-frac{frac_text(self.frac)}"
         return f"{self.method}{frac}-seed{self.seed}"
 
     @property
-    def kept(self) -> float:
-        """Share of the general batch a step keeps (per layer): the x axis of the spectrum."""
+    def kept(self) -> float | None:
+        """Share of the general batch a step keeps (per layer): the x axis of the spectrum. None for
+        frac 'auto', known after the run (:func:`run_row` takes the mean frac of its steps)."""
+        if self.frac == "auto":
+            return None
         return UNCONSTRAINED[self.method] if self.frac is None else self.frac
 
 
@@ -120,7 +130,7 @@ def run_spectrum(cfg: Config, resume: bool = False, overwrite: bool = False, pro
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     print(f"drpost spectrum: {len(points)} runs ({', '.join(cfg.spectrum.methods)}; frac "
-          f"{', '.join(f'{f:g}' for f in cfg.spectrum.fracs)}; seeds {', '.join(map(str, cfg.spectrum.seeds))}) "
+          f"{', '.join(frac_text(f) for f in cfg.spectrum.fracs)}; seeds {', '.join(map(str, cfg.spectrum.seeds))}) "
           f"-> {out}", flush=True)
 
     t0 = time.perf_counter()
@@ -174,7 +184,8 @@ def _without_grid(cfg: Config) -> dict:
 def run_row(point: GridPoint, m: dict) -> dict:
     """One run, flat (a ``runs.csv`` row) plus its histories."""
     final = m["final"]
-    row = {"method": point.method, "frac": point.frac, "kept": point.kept, "seed": point.seed,
+    kept = point.kept if point.frac != "auto" else (m.get("auto_frac") or {}).get("mean_frac")
+    row = {"method": point.method, "frac": point.frac, "kept": kept, "seed": point.seed,
            "run_dir": m["run_dir"], "steps": m["steps"], "test_ppl": final["test_ppl"],
            "start_ppl": (m.get("start") or {}).get("ppl"), "best_ppl": (m.get("best") or {}).get("ppl"),
            "best_step": (m.get("best") or {}).get("step"), "final_over_best": m.get("final_over_best"),
@@ -335,7 +346,7 @@ def format_summary(summary: list[dict], metrics: list[str]) -> str:
     head += ["test ppl", "Δppl vs standard", "final / best ppl", "target-like: batch → kept", "s/step ÷ standard"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
-        cells = [s["method"], "-" if s["frac"] is None else f"{s['frac']:g}", str(s["n"])]
+        cells = [s["method"], frac_text(s["frac"]), str(s["n"])]
         for name in metrics:
             cells += [_pm(s.get(name), s.get(name + "_se"), ".3f"),
                       "" if s["method"] == "standard" else _signed(s.get("d_" + name), s.get("d_" + name + "_se"), ".3f")]

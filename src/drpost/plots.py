@@ -22,7 +22,7 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["plot_curves", "plot_demo", "plot_spectrum", "plot_spectrum_curves", "METHOD_COLORS"]
+__all__ = ["plot_curves", "plot_demo", "plot_spectrum", "plot_spectrum_curves", "plot_frac_curve", "METHOD_COLORS"]
 
 METHOD_COLORS = {
     "standard": "#1f77b4",
@@ -33,6 +33,7 @@ METHOD_COLORS = {
     "rowwise": "#9467bd",
     "filter": "#8c564b",
     "greedy": "#e377c2",
+    "offline": "#17becf",
 }
 _KIND_COLORS = {"headline": "#d62728", "classification": "#1f77b4", "chat": "#2ca02c", "continuation": "#9467bd",
                 "bbc_headline": "#d62728", "bbc_category": "#1f77b4", "chatterbot_qa": "#2ca02c",
@@ -270,6 +271,35 @@ def plot_spectrum(summary: list[dict], metric_names: list[str], path: str | Path
             if ys and max(ys) / max(min(ys), 1e-9) > 4:
                 ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
+    return _save_seed_figure(plt, fig, path, title)
+
+
+def plot_frac_curve(points: list[dict], metric: str, path: str | Path, title: str = "",
+                    auto: dict | None = None) -> Path:
+    """The bias-variance curve: the target metric and test perplexity (mean ± SE over seeds) of one
+    feasible set against its ``frac`` (``points``: dicts with ``frac``, ``<metric>``, ``<metric>_se``,
+    ``test_ppl``, ``test_ppl_se``; frac 1 keeps every sample, i.e. standard training). ``auto``: the
+    ``frac: auto`` runs, drawn at their mean chosen frac with a horizontal bar over the seeds' range."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.4, 4.2))
+    pts = sorted(points, key=lambda p: p["frac"])
+    for ax, key in zip(axes, (metric, "test_ppl")):
+        xs = [p["frac"] for p in pts if p.get(key) is not None]
+        ys = [p[key] for p in pts if p.get(key) is not None]
+        es = [_nan(p.get(key + "_se")) if p.get(key + "_se") is not None else 0.0 for p in pts if p.get(key) is not None]
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color=METHOD_COLORS["layerwise"], label="fixed frac")
+        if auto and auto.get(key) is not None:
+            lo, hi = auto.get("frac_min", auto["frac"]), auto.get("frac_max", auto["frac"])
+            ax.errorbar([auto["frac"]], [auto[key]], yerr=[_nan(auto.get(key + "_se") or 0.0)],
+                        xerr=[[auto["frac"] - lo], [hi - auto["frac"]]], marker="*", markersize=12, capsize=3,
+                        color="black", linestyle="none", label="frac: auto (mean chosen)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([0.125, 0.25, 0.5, 0.75, 1.0])
+        ax.set_xticklabels(["1/8", "1/4", "1/2", "3/4", "1 (standard)"])
+        ax.set_xlabel("frac: kept share of the general batch per layer")
+        ax.set_ylabel("test perplexity" if key == "test_ppl" else f"test {key}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     return _save_seed_figure(plt, fig, path, title)
 
 

@@ -47,7 +47,7 @@ from drpost.recipes.offline import OFFLINE_SHARE
 from drpost.recipes.sft import run_sft
 from drpost.stats import ALPHA, paired, verdict
 
-__all__ = ["run_spectrum", "grid", "summarise", "format_summary", "comparisons", "format_comparisons",
+__all__ = ["run_spectrum", "finished_runs", "write_finished", "grid", "summarise", "format_summary", "comparisons", "format_comparisons",
            "UNCONSTRAINED", "BASELINES"]
 
 # Methods without a frac: they run once per seed; standard and target_only at the ends of the
@@ -154,6 +154,29 @@ def run_spectrum(cfg: Config, resume: bool = False, overwrite: bool = False, pro
     return result
 
 
+def finished_runs(cfg: Config) -> list[dict]:
+    """The rows (:func:`run_row`) of the grid points whose run has finished, in grid order."""
+    rows = []
+    for point in grid(cfg):
+        metrics = _finished(point_config(cfg, point))
+        if metrics is not None:
+            rows.append(run_row(point, metrics))
+    return rows
+
+
+def write_finished(cfg: Config) -> dict:
+    """Tables and plots of a spectrum from its finished runs only (e.g. while the grid still runs, or
+    after it was interrupted); ``complete`` says whether every grid point is in."""
+    runs = finished_runs(cfg)
+    if not runs:
+        raise RunDirError(f"no finished run in {cfg.run_dir}: nothing to tabulate")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    result = _write(cfg.run_dir, cfg, runs, final=True)
+    result["complete"] = len(runs) == len(grid(cfg))
+    (cfg.run_dir / "spectrum.json").write_text(json.dumps(jsonable(result), indent=1))
+    return result
+
+
 def _check_same_recipe(saved: Config, cfg: Config, out: Path) -> None:
     a, b = config_to_dict(saved), config_to_dict(cfg)
     diffs = [f"{s}.{k}" for s in b if isinstance(b[s], dict) and s != "spectrum"
@@ -231,7 +254,8 @@ def summarise(runs: list[dict]) -> list[dict]:
         groups.setdefault((r["method"], r["frac"]), []).append(r)
     out = []
     for (method, frac), rs in groups.items():
-        s = {"method": method, "frac": frac, "kept": rs[0]["kept"], "n": len(rs),
+        kept = [r["kept"] for r in rs if r.get("kept") is not None]  # frac auto: the mean frac used, per seed
+        s = {"method": method, "frac": frac, "kept": sum(kept) / len(kept) if kept else None, "n": len(rs),
              "seeds": [r["seed"] for r in rs]}
         for k in keys:
             s[k], s[k + "_se"] = _mean_se([r.get(k) for r in rs])
@@ -264,7 +288,7 @@ def _group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def _label(method: str, frac) -> str:
-    return method if frac is None else f"{method} {frac:g}"
+    return method if frac is None else f"{method} {frac_text(frac)}"
 
 
 def comparisons(runs: list[dict], key: str) -> list[dict]:

@@ -62,3 +62,18 @@ def test_comparisons_against_standard_and_the_best_baseline():
     text = comparison_tables(runs)
     assert "| layerwise 0.5 | 4 | 0.326 | +0.111 ± 0.001 |" in text
     assert "| greedy 0.5 |" in text and "test perplexity" in text and "p < 0.05" in text
+
+
+def test_summary_shows_the_offline_selection_cost_only_when_there_is_one():
+    from drpost.recipes.spectrum import format_summary, summarise
+
+    def row(method, seed, cost=None):
+        return {"method": method, "frac": None, "kept": 1.0, "seed": seed, "test_ppl": 10.0 + seed,
+                "exact_match": 0.5, "seconds_per_step": 2.0, "metrics": ["exact_match"],
+                "selection_cost_in_steps": cost}
+
+    plain = [row("standard", 0), row("standard", 1)]
+    assert "selection cost" not in format_summary(summarise(plain), ["exact_match"])
+    table = format_summary(summarise(plain + [row("offline", 0, 40.0), row("offline", 1, 44.0)]), ["exact_match"])
+    assert "selection cost (steps) |" in table.splitlines()[0]
+    assert table.splitlines()[2].endswith("| - |") and table.splitlines()[3].endswith("| 42 ± 2 |")

@@ -248,7 +248,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     seconds_per_step(standard, seed)``."""
     standard = {r["seed"]: r for r in runs if r["method"] == "standard"}
     keys = ["test_ppl", "best_ppl", "final_over_best", "target_like_batch", "target_like_chosen",
-            "seconds_per_step"] + metric_names(runs)
+            "seconds_per_step", "selection_cost_in_steps"] + metric_names(runs)
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["method"], r["frac"]), []).append(r)
@@ -368,6 +368,9 @@ def format_summary(summary: list[dict], metrics: list[str]) -> str:
     for name in metrics:
         head += [name, f"Δ{name} vs standard"]
     head += ["test ppl", "Δppl vs standard", "final / best ppl", "target-like: batch → kept", "s/step ÷ standard"]
+    costs = any(s.get("selection_cost_in_steps") is not None for s in summary)
+    if costs:  # offline selection: its warm-up + scoring, in training steps of the same run
+        head.append("selection cost (steps)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["method"], frac_text(s["frac"]), str(s["n"])]
@@ -383,6 +386,9 @@ def format_summary(summary: list[dict], metrics: list[str]) -> str:
             kept = "-" if s["target_like_chosen"] is None else f"{s['target_like_chosen']:.1%}"
             cells.append(f"{s['target_like_batch']:.1%} → {kept}")
         cells.append(_pm(s["time_ratio"], s["time_ratio_se"], ".2f"))
+        if costs:
+            cells.append(_pm(s.get("selection_cost_in_steps"), s.get("selection_cost_in_steps_se"), ".0f")
+                         if s.get("selection_cost_in_steps") is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

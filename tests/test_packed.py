@@ -241,3 +241,29 @@ def test_unpacked_layout_is_the_identity():
     assert lay.identity and lay.samples(x) is x
     b["position_ids"] = torch.arange(b["input_ids"].shape[1]).expand(5, -1)
     assert layout_of(b).identity
+
+
+@pytest.mark.parametrize("pad_positions", ["zeros", "restart_run"])
+def test_trailing_padding_of_packed_rows_is_not_a_sample(pad_positions):
+    """Packed rows padded to one length, the pads' position_ids all 0 (each pad token a restart) or one
+    restarting run 0, 1, 2, ...: still 5 samples, the gradients and selections of the padded oracle."""
+    from drpost.packing import layout_of
+
+    b = packed_batch(LENGTHS_G, 1)
+    pad = 4
+    n, t = b["input_ids"].shape
+    b["input_ids"] = torch.cat([b["input_ids"], torch.zeros(n, pad, dtype=torch.long)], 1)
+    b["labels"] = torch.cat([b["labels"], torch.full((n, pad), -100)], 1)
+    tail = torch.zeros(n, pad, dtype=torch.long) if pad_positions == "zeros" else torch.arange(pad).expand(n, pad)
+    b["position_ids"] = torch.cat([b["position_ids"], tail], 1)
+    assert layout_of(b).n == 5
+    got = run((b, packed_batch(LENGTHS_T, 2)), "layerwise")
+    agree(got, run((padded_batch(LENGTHS_G, 1), padded_batch(LENGTHS_T, 2)), "layerwise"))
+    # a single sequence per row plus padding is an ordinary (identity) layout
+    one = {"input_ids": torch.arange(3, 11).view(1, 8), "labels": torch.tensor([[-100, 4, 5, 6, 7, -100, -100, -100]]),
+           "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 0, 0]])}
+    assert layout_of(one).identity
+    # a trailing sequence that has supervised tokens stays a sample of its own
+    one["labels"][0, 7] = 10
+    one["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]])
+    assert layout_of(one).n == 2

@@ -130,7 +130,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from drpost.recipes.sft import evaluate_run
+    from drpost.recipes.evaluate import evaluate_run
 
     flags, values, overrides = _split_flags(args.rest, _EVAL_FLAGS, _EVAL_OPTIONS)
     _setup_logging()

@@ -95,9 +95,30 @@ def packed(batch: dict) -> bool:
     return any(k in batch for k in ("position_ids", "cu_seq_lens_q"))
 
 
+def _merge_unsupervised_tails(starts: list[list[int]], labels, length: int) -> list[list[int]]:
+    """Fold each row's trailing segments without a supervised token into the sample before them.
+
+    They are the padding of a packed row (pad tokens whose position_ids restart at every token, or
+    one pad run): they carry no loss and, the attention being causal, no supervised token depends on
+    them, so their tokens add exactly zero to the sample they join, while counting them as samples
+    would change B (and so k = floor(B * frac)) and the per-sample statistics."""
+    if labels is None or not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return starts
+    supervised = (labels != -100).cpu()
+    out = []
+    for r, st in enumerate(starts):
+        st = list(st)
+        while len(st) > 1 and not bool(supervised[min(r, supervised.shape[0] - 1), st[-1] + 1:length].any()):
+            st.pop()   # a segment's first label is never trained on (no token before it in the sequence)
+        out.append(st)
+    return out
+
+
 def layout_of(batch: dict) -> Layout:
     """The sample layout of a batch: from ``cu_seq_lens_q`` when present, else from restarts of
-    ``position_ids`` (t is a start when position_ids[t] != position_ids[t-1] + 1), else identity."""
+    ``position_ids`` (t is a start when position_ids[t] != position_ids[t-1] + 1), else identity.
+    A row's trailing segments without a supervised label (its padding) belong to the sample before
+    them (:func:`_merge_unsupervised_tails`)."""
     ids = batch["input_ids"]
     n, t = ids.shape
     cu = batch.get("cu_seq_lens_q")
@@ -111,7 +132,7 @@ def layout_of(batch: dict) -> Layout:
             r, a = divmod(s, t)
             if a:
                 starts[r].append(a)
-        return Layout(n, t, starts).to(ids.device)
+        return Layout(n, t, _merge_unsupervised_tails(starts, batch.get("labels"), t)).to(ids.device)
     if pos is None:
         return Layout(n, t, None)
     if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] != t or pos.shape[0] not in (1, n):
@@ -123,4 +144,5 @@ def layout_of(batch: dict) -> Layout:
     if not bool(restart.any()):
         return Layout(n, t, None)
     starts = [[0] + row.nonzero().flatten().tolist() for row in restart.cpu()]
-    return Layout(n, t, starts).to(ids.device)
+    layout = Layout(n, t, _merge_unsupervised_tails(starts, batch.get("labels"), t))
+    return layout if layout.identity else layout.to(ids.device)

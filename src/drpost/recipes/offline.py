@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from drpost.config import Config, config_from_dict, config_to_dict
 from drpost.data.splits import SFTData
 from drpost.offline import describe, gradient_cosines, top_share
 
-__all__ = ["offline_subset", "OFFLINE_SHARE"]
+__all__ = ["offline_subset", "offline_cost", "OFFLINE_SHARE"]
 
 OFFLINE_SHARE = 0.25   # ``drpost spectrum``'s offline method when the recipe sets no data.offline_share
 
@@ -49,8 +50,28 @@ def _warmup_config(cfg: Config, steps: int, out: Path) -> Config:
     return config_from_dict(raw, "offline warm-up")
 
 
-def offline_subset(cfg: Config, data: SFTData, tokenizer, progress: bool = True) -> tuple[SFTData, dict]:
-    """``data`` with its general pool replaced by the offline selection's subset, and what it cost."""
+def offline_subset(cfg: Config, data: SFTData, tokenizer, resume: bool = False, progress: bool = True,
+                   world: int = 1) -> tuple[SFTData, dict]:
+    """``data`` with its general pool replaced by the offline selection's subset, and what it cost
+    (on ``resume``, read back from the run's ``offline.json`` instead of warming up and scoring again)."""
+    if world > 1:
+        raise ValueError("data.offline_share (offline selection) runs in one process: launch the run without torchrun")
+    saved = cfg.run_dir / "offline.json"
+    if resume and saved.is_file():
+        info = json.loads(saved.read_text())
+        return dataclasses.replace(data, general=data.general.select(info["kept_indices"])), info
+    return _select(cfg, data, tokenizer, progress)
+
+
+def offline_cost(info: dict, seconds_per_step: float | None) -> dict:
+    """The offline selection's record without its per-row lists, with its cost in training steps."""
+    out = {k: v for k, v in info.items() if k not in ("scores", "kept_indices")}
+    if seconds_per_step:
+        out["cost_in_steps"] = (info["seconds_warmup"] + info["seconds_scoring"]) / seconds_per_step
+    return out
+
+
+def _select(cfg: Config, data: SFTData, tokenizer, progress: bool) -> tuple[SFTData, dict]:
     from transformers import set_seed
 
     from drpost.models import load_model

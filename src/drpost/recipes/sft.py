@@ -45,7 +45,7 @@ from typing import Any, Callable
 import torch
 from transformers import TrainerCallback
 
-from drpost.config import Config, config_to_dict, load_config, save_config
+from drpost.config import Config, config_to_dict, save_config
 from drpost.data.chat import collate
 from drpost.data.splits import SFTData, build_sft_data
 from drpost.distributed import LaunchRanks
@@ -55,10 +55,18 @@ from drpost.integrations import DrPostArguments, DrPostTrainer
 from drpost.models import load_model
 from drpost.plots import plot_curves
 from drpost.recipes.common import (DTYPES, DiskFullError, RunDirError, check_run_dir,  # noqa: F401 (re-exported)
-                                   clear_disk_errors, jsonable, last_checkpoint, make_run_dir, prepare_trainable,
-                                   quiet_peft)
+                                   clear_disk_errors, jsonable, last_checkpoint, make_run_dir, prepare_trainable)
+from drpost.recipes.offline import offline_cost, offline_subset
 
-__all__ = ["run_sft", "evaluate_run", "evaluate_model", "load_trained", "RunDirError", "DiskFullError", "plot_curves"]
+__all__ = ["run_sft", "evaluate_model", "RunDirError", "DiskFullError", "plot_curves"]
+
+
+def __getattr__(name):  # drpost eval's functions live in drpost.recipes.evaluate (they import this module)
+    if name in ("evaluate_run", "load_trained"):
+        from drpost.recipes import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # ===================================================================================== recipe
 def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress: bool = True, *,
@@ -99,7 +107,7 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
     data = build_sft_data(cfg, tokenizer) if data is None else data
     offline = None
     if cfg.data.offline_share > 0:  # LESS-style: warm up, score the pool, keep its top share (drpost.recipes.offline)
-        data, offline = _offline(cfg, data, tokenizer, resume, progress, ranks)
+        data, offline = offline_subset(cfg, data, tokenizer, resume=resume, progress=progress, world=ranks.world)
         set_seed(cfg.train.seed)  # the run itself starts from the same RNG state as any other method's
     model = prepare_trainable(model, cfg)
     if cfg.train.fsdp:
@@ -167,36 +175,12 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
     metrics["auto_frac"] = auto
     metrics["seconds_total"] = time.perf_counter() - t_start
     if offline is not None:
-        metrics["offline"] = _offline_cost(offline, metrics["seconds_per_step"])
+        metrics["offline"] = offline_cost(offline, metrics["seconds_per_step"])
     _write_outputs(run_dir, metrics, log_history, final)
     print(_summary_line(metrics), flush=True)
     del trainer, model
     gc.collect()
     return metrics
-
-
-def _offline(cfg: Config, data: SFTData, tokenizer, resume: bool, progress: bool, ranks) -> tuple[SFTData, dict]:
-    """The general pool cut to the offline selection's subset (recomputed, or on resume read back from
-    the run's ``offline.json``)."""
-    import dataclasses
-
-    from drpost.recipes.offline import offline_subset
-
-    if ranks.world > 1:
-        raise ValueError("data.offline_share (offline selection) runs in one process: launch the run without torchrun")
-    saved = cfg.run_dir / "offline.json"
-    if resume and saved.is_file():
-        info = json.loads(saved.read_text())
-        return dataclasses.replace(data, general=data.general.select(info["kept_indices"])), info
-    return offline_subset(cfg, data, tokenizer, progress=progress)
-
-
-def _offline_cost(info: dict, seconds_per_step: float | None) -> dict:
-    """The offline selection's record without its per-row lists, with its cost in training steps."""
-    out = {k: v for k, v in info.items() if k not in ("scores", "kept_indices")}
-    if seconds_per_step:
-        out["cost_in_steps"] = (info["seconds_warmup"] + info["seconds_scoring"]) / seconds_per_step
-    return out
 
 
 def _task_eval_settings(cfg: Config, data: SFTData) -> dict:
@@ -397,72 +381,6 @@ def evaluate_model(model, tokenizer, data: SFTData, cfg: Config, n_test: int | N
         out["generation_seconds"] = time.perf_counter() - t0
         out["predictions"], out["references"] = preds, refs
     return out
-
-
-def _find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
-    if checkpoint:
-        path = Path(checkpoint).expanduser()
-        if not path.is_absolute() and not path.exists():
-            path = run_dir / checkpoint
-        if not path.is_dir():
-            raise RunDirError(f"checkpoint {checkpoint!r} not found (neither a directory nor a folder of {run_dir})")
-        return path
-    if (run_dir / "final").is_dir():
-        return run_dir / "final"
-    last = last_checkpoint(run_dir)
-    if last is None:
-        raise RunDirError(f"{run_dir} has neither a final/ model nor a checkpoint-N folder to evaluate")
-    return Path(last)
-
-
-def load_trained(run_dir: str | Path, checkpoint: str | None = None):
-    """``(model, tokenizer, cfg, path)`` of a trained run: the final model/adapter or a checkpoint."""
-    run_dir = Path(run_dir).expanduser()
-    if not (run_dir / "config.yaml").is_file():
-        raise RunDirError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
-    path = _find_checkpoint(run_dir, checkpoint)
-    dtype = DTYPES[cfg.model.dtype]
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base, tokenizer = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=dtype,
-                                     attn_implementation=cfg.model.attn_implementation)
-        with quiet_peft():
-            model = PeftModel.from_pretrained(base, str(path))
-    else:
-        model, tokenizer = load_model(path, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
-    model.eval()
-    return model, tokenizer, cfg, path
-
-
-def evaluate_run(run_dir: str | Path, checkpoint: str | None = None, overrides: list | None = None,
-                 progress: bool = True, output: str | Path | None = None) -> dict:
-    """Re-evaluate a trained run (``drpost eval``): reload its model (``final/`` by default, or a
-    ``checkpoint``), rebuild its test split from its ``config.yaml``, compute perplexity and the
-    generation metrics, and write ``eval.json`` (or ``output``). ``overrides`` may change ``eval.*``
-    keys only."""
-    run_dir = Path(run_dir).expanduser()
-    model, tokenizer, cfg, path = load_trained(run_dir, checkpoint)
-    if overrides:
-        from drpost.config import apply_overrides, config_from_dict, parse_overrides, resolve_key
-
-        pairs = parse_overrides(overrides) if all(isinstance(o, str) for o in overrides) else list(overrides)
-        for key, _ in pairs:
-            if not resolve_key(key).startswith("eval."):
-                raise ValueError(f"drpost eval only accepts eval.* overrides, got {key!r}")
-        cfg = config_from_dict(apply_overrides(config_to_dict(cfg), pairs))
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    data = build_sft_data(cfg, tokenizer)
-    t0 = time.perf_counter()
-    result = evaluate_model(model, tokenizer, data, cfg, progress=progress)
-    result.update(checkpoint=str(path), run_dir=str(run_dir), seconds=time.perf_counter() - t0,
-                  task=data.stats["target_task"])
-    out = Path(output) if output else run_dir / "eval.json"
-    out.write_text(json.dumps(jsonable(result), indent=1))
-    result["path"] = str(out)
-    return result
 
 
 # ===================================================================================== outputs

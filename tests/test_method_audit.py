@@ -35,7 +35,7 @@ def test_meso_is_used_for_every_feasible_set(tmp_path, feasible_set, strategy):
     rows = [{k: v[i] for k, v in mt.make_batch(8, 10, seed=1).items()} | {"kind": "x"} for i in range(8)]
     data = SimpleNamespace(general=rows, target=rows, test=rows)
     model = mt.llama(tied=False).float()
-    trainer, _ = sft._build_trainer(cfg, model, SimpleNamespace(pad_token_id=0), data, rows, tmp_path / "run",
+    trainer, _ = sft.build_trainer(cfg, model, SimpleNamespace(pad_token_id=0), data, rows, tmp_path / "run",
                                     resume=False, progress=False)
     assert isinstance(trainer.optimizer, MeSO) and trainer.optimizer.sketches()
 

@@ -76,7 +76,7 @@ def _select(cfg: Config, data: SFTData, tokenizer, progress: bool) -> tuple[SFTD
 
     from drpost.models import load_model
     from drpost.recipes.common import DTYPES, prepare_trainable
-    from drpost.recipes.sft import _autocast_dtype, _build_trainer
+    from drpost.recipes.sft import autocast_dtype, build_trainer
 
     share = cfg.data.offline_share
     if not len(data.general):
@@ -89,7 +89,7 @@ def _select(cfg: Config, data: SFTData, tokenizer, progress: bool) -> tuple[SFTD
     model = prepare_trainable(model, cfg)
     with tempfile.TemporaryDirectory(prefix="drpost-offline-") as tmp:
         wcfg = _warmup_config(cfg, steps, Path(tmp))
-        trainer, _ = _build_trainer(wcfg, model, tokenizer, data, data.test.select(range(1)), wcfg.run_dir,
+        trainer, _ = build_trainer(wcfg, model, tokenizer, data, data.test.select(range(1)), wcfg.run_dir,
                                     resume=False, progress=progress)
         try:
             trainer.train()
@@ -99,7 +99,7 @@ def _select(cfg: Config, data: SFTData, tokenizer, progress: bool) -> tuple[SFTD
         seconds_warmup = time.perf_counter() - t0
         general_rows = list(data.general)
         scores = gradient_cosines(trainer.model, general_rows, list(data.target), pad_id=tokenizer.pad_token_id,
-                                  autocast_dtype=_autocast_dtype(cfg), progress=progress)
+                                  autocast_dtype=autocast_dtype(cfg), progress=progress)
     del trainer, model
     gc.collect()
     kept = top_share(scores.scores, share)

@@ -137,7 +137,7 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, progress
 
     # ---- trainer
     test_eval = data.test if info["n_test"] >= len(data.test) else data.test.select(range(info["n_test"]))
-    trainer, timer = _build_trainer(cfg, model, tokenizer, data, test_eval, run_dir, resume, progress, ranks)
+    trainer, timer = build_trainer(cfg, model, tokenizer, data, test_eval, run_dir, resume, progress, ranks)
     if on_trainer is not None:
         on_trainer(trainer)
     checkpoint = last_checkpoint(run_dir) if resume else None
@@ -193,7 +193,8 @@ def _task_eval_settings(cfg: Config, data: SFTData) -> dict:
     }
 
 
-def _autocast_dtype(cfg: Config):
+def autocast_dtype(cfg: Config):
+    """The recipe's autocast dtype (``train.bf16``: bfloat16, else None = no autocast)."""
     return torch.bfloat16 if cfg.train.bf16 else None
 
 
@@ -253,8 +254,9 @@ class _SFTTrainer(DrPostTrainer):
         return metrics
 
 
-def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_dir: Path, resume: bool,
-                   progress: bool, ranks: LaunchRanks | None = None):
+def build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_dir: Path, resume: bool,
+                  progress: bool, ranks: LaunchRanks | None = None):
+    """The recipe's trainer (``DrPostTrainer`` with the held-out perplexity as ``evaluate``) and its step timer."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
@@ -304,7 +306,7 @@ def _build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_
         model=model, args=args, train_dataset=data.general, eval_dataset=test_eval, target_dataset=data.target,
         data_collator=_collator(tokenizer, data.target[0]["kind"] if len(data.target) else None),
         processing_class=tokenizer,
-        callbacks=callbacks, eval_batch_size=cfg.eval.batch_size, autocast_dtype=_autocast_dtype(cfg),
+        callbacks=callbacks, eval_batch_size=cfg.eval.batch_size, autocast_dtype=autocast_dtype(cfg),
         optimizers=optimizers)
     return trainer, timer
 
@@ -361,7 +363,7 @@ def evaluate_model(model, tokenizer, data: SFTData, cfg: Config, n_test: int | N
     info = _task_eval_settings(cfg, data)
     n = info["n_test"] if n_test is None else min(n_test, len(data.test))
     out: dict[str, Any] = {"n_test": n}
-    dtype = _autocast_dtype(cfg)
+    dtype = autocast_dtype(cfg)
     if perplexity_too:
         res = perplexity(model, list(data.test.select(range(n))), batch_size=cfg.eval.batch_size,
                          autocast_dtype=dtype, pad_id=tokenizer.pad_token_id)

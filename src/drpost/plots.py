@@ -293,9 +293,9 @@ def plot_frac_curve(points: list[dict], metric: str, path: str | Path, title: st
             ax.errorbar([auto["frac"]], [auto[key]], yerr=[_nan(auto.get(key + "_se") or 0.0)],
                         xerr=[[auto["frac"] - lo], [hi - auto["frac"]]], marker="*", markersize=12, capsize=3,
                         color="black", linestyle="none", label="frac: auto (mean chosen)")
-        ax.set_xscale("log", base=2)
         ax.set_xticks([0.125, 0.25, 0.5, 0.75, 1.0])
-        ax.set_xticklabels(["1/8", "1/4", "1/2", "3/4", "1 (standard)"])
+        ax.set_xticklabels(["1/8", "1/4", "1/2", "3/4", "1\n(standard)"])
+        ax.set_xlim(0.05, 1.05)
         ax.set_xlabel("frac: kept share of the general batch per layer")
         ax.set_ylabel("test perplexity" if key == "test_ppl" else f"test {key}")
         ax.grid(alpha=0.3)

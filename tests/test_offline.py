@@ -131,6 +131,7 @@ def test_spectrum_offline_point_is_standard_training_on_a_selected_pool(tmp_path
     (["--data.offline_share", "1.5"], "data.offline_share"),
     (["--data.offline_warmup_steps", "0"], "data.offline_warmup_steps"),
     (["--spectrum.methods", "standard,ofline"], "did you mean 'offline'"),
+    (["--data.offline_share", "0.5", "--recipe", "rl"], "applies to the sft recipe only"),
 ])
 def test_bad_offline_config(override, message):
     from drpost.config import ConfigError

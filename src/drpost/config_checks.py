@@ -197,6 +197,8 @@ def validate(cfg) -> None:
     _choice("recipe", cfg.recipe, RECIPES)
     _check(not (cfg.train.fsdp and cfg.recipe != "sft"), "train.fsdp",
            "applies to the sft recipe only (the rl recipe runs in one process)", cfg.train.fsdp)
+    _check(not (cfg.data.offline_share and cfg.recipe != "sft"), "data.offline_share",
+           "applies to the sft recipe only (the rl recipe has no general pool to select from)", cfg.data.offline_share)
 
     _check(bool(cfg.output_dir), "output_dir", "must be a directory path", cfg.output_dir)
     if cfg.run_name is not None:

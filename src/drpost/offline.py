@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -153,10 +154,5 @@ def describe(scores: OfflineScores, kept: list[int], rows: Any) -> dict[str, Any
                            "score_mean_kept": float(scores.scores[kept].mean())}
     kinds = [r.get("kind") for r in rows] if rows is not None else None
     if kinds and all(k is not None for k in kinds):
-        pool, sub = {}, {}
-        for k in kinds:
-            pool[k] = pool.get(k, 0) + 1
-        for i in kept:
-            sub[kinds[i]] = sub.get(kinds[i], 0) + 1
-        out["kinds_pool"], out["kinds_kept"] = pool, sub
+        out["kinds_pool"], out["kinds_kept"] = dict(Counter(kinds)), dict(Counter(kinds[i] for i in kept))
     return out

@@ -241,7 +241,8 @@ def plot_demo(metrics: dict, run_dir: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ drpost spectrum
-def _label(method: str, frac) -> str:
+def method_label(method: str, frac) -> str:
+    """A (method, frac) grid point as plots and tables name it: 'standard', 'layerwise 0.5', 'layerwise auto'."""
     return method if frac is None else f"{method} {frac}" if isinstance(frac, str) else f"{method} {frac:g}"
 
 
@@ -348,7 +349,7 @@ def plot_spectrum_curves(runs: list[dict], path: str | Path, title: str = "") ->
             if not curves:
                 continue
             steps, means, ses = _mean_curve(curves)
-            ax.plot(steps, means, style, color=color, label=_label(method, frac))
+            ax.plot(steps, means, style, color=color, label=method_label(method, frac))
             ax.fill_between(steps, [m - s for m, s in zip(means, ses)], [m + s for m, s in zip(means, ses)],
                             color=color, alpha=0.15, linewidth=0)
     ax1.set_xlabel("step")

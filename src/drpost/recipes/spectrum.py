@@ -43,6 +43,7 @@ from pathlib import Path
 
 from drpost.config import Config, config_from_dict, config_to_dict, load_config, save_config
 from drpost.recipes.common import RunDirError, jsonable
+from drpost.plots import method_label
 from drpost.recipes.offline import OFFLINE_SHARE
 from drpost.recipes.sft import run_sft
 from drpost.stats import ALPHA, paired, verdict
@@ -249,11 +250,8 @@ def summarise(runs: list[dict]) -> list[dict]:
     standard = {r["seed"]: r for r in runs if r["method"] == "standard"}
     keys = ["test_ppl", "best_ppl", "final_over_best", "target_like_batch", "target_like_chosen",
             "seconds_per_step", "selection_cost_in_steps"] + metric_names(runs)
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["method"], r["frac"]), []).append(r)
     out = []
-    for (method, frac), rs in groups.items():
+    for (method, frac), rs in _group_runs(runs).items():
         kept = [r["kept"] for r in rs if r.get("kept") is not None]  # frac auto: the mean frac used, per seed
         s = {"method": method, "frac": frac, "kept": sum(kept) / len(kept) if kept else None, "n": len(rs),
              "seeds": [r["seed"] for r in rs]}
@@ -287,10 +285,6 @@ def _group_runs(runs: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def _label(method: str, frac) -> str:
-    return method if frac is None else f"{method} {frac_text(frac)}"
-
-
 def comparisons(runs: list[dict], key: str) -> list[dict]:
     """Every (method, frac) against standard and against the best baseline (:data:`BASELINES`: the one,
     other than itself, with the best mean ``key`` over seeds), paired by seed, with the paired t-test's
@@ -312,7 +306,7 @@ def comparisons(runs: list[dict], key: str) -> list[dict]:
         if rivals:
             best = min(rivals, key=lambda b: means[b]) if lower else max(rivals, key=lambda b: means[b])
             t = _paired_test(rs, groups[best], key)
-            row.update(best_baseline=_label(*best), vs_best=t, vs_best_verdict=verdict(t, lower))
+            row.update(best_baseline=method_label(*best), vs_best=t, vs_best_verdict=verdict(t, lower))
         out.append(row)
     return out
 
@@ -332,7 +326,7 @@ def format_comparisons(rows: list[dict], title: str) -> str:
         d1, p1 = diff(r.get("vs_standard"))
         d2, p2 = diff(r.get("vs_best"))
         lines.append("| " + " | ".join([
-            _label(r["method"], r["frac"]), str(r["n"]), f"{r['mean']:.3f}" if r["key"] != "test_ppl" else f"{r['mean']:.2f}",
+            method_label(r["method"], r["frac"]), str(r["n"]), f"{r['mean']:.3f}" if r["key"] != "test_ppl" else f"{r['mean']:.2f}",
             d1, p1, r.get("vs_standard_verdict", "") if "vs_standard" in r else "",
             r.get("best_baseline", "-"), d2, p2, r.get("vs_best_verdict", "") if "vs_best" in r else ""]) + " |")
     return "\n".join(lines)

@@ -131,6 +131,40 @@ class DrPostTrainingOptions(DrPostOptions):
 
 
 @dataclass
+class DrPostTrainerOptions(DrPostTrainingOptions):
+    """What the Trainer integrations add (:class:`drpost.integrations.DrPostArguments` on
+    ``TrainingArguments``, :class:`drpost.integrations.DrPostSFTConfig` on TRL's ``SFTConfig``)."""
+
+    n_target: int = field(
+        default=16,
+        metadata={"help": "Minimum number of rows the target dataset must have (a guard against passing "
+                          "the wrong, too small split)."})
+    selection_log: Optional[str] = field(
+        default=None,
+        metadata={"help": "Path of a JSON-lines file that gets, per optimisation step (main process), the "
+                          "samples each layer chose (per micro-batch) and a SHA-256 digest of all selection "
+                          "masks (with several processes: the main process's rows); on resume the lines after "
+                          "the checkpoint's step are dropped, so an interrupted and resumed run writes the "
+                          "same file as an uninterrupted one."})
+
+    def __post_init__(self):
+        self.check_trainer_options(type(self).__name__)
+
+    def check_trainer_options(self, owner: str) -> None:
+        """Every check of the drpost fields; errors are prefixed with ``owner`` (the arguments class)."""
+        try:
+            self.check_training_options()
+            check_int(self, "n_target")
+            if self.frac_auto and self.auto_holdout >= self.n_target:
+                raise OptionError("auto_holdout", f"auto_holdout must be < n_target ({self.n_target}) with "
+                                                  "frac='auto': the validation slice held out of the target "
+                                                  "examples would leave none for the target gradient, got "
+                                                  f"{self.auto_holdout}")
+        except OptionError as err:
+            raise OptionError(err.option, f"{owner}: {err}") from None
+
+
+@dataclass
 class PolicyGradientOptions:
     """The knobs of the policy-gradient loop (see the field help texts); checked in ``__post_init__``."""
 

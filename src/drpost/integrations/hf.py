@@ -14,12 +14,11 @@ Only ``training_step`` changes: each micro-batch of general data goes through
 optimizer, the LR scheduler, logging cadence, evaluation, checkpoints) is the stock Trainer's code,
 so ``feasible_set="standard"`` or ``frac=1`` reproduces stock training.
 
-Why a plain ``transformers.Trainer`` subclass and not TRL's ``SFTTrainer``: what SFTTrainer adds
-is dataset preparation (chat templates, tokenisation, packing, completion-only masks; it needs a
-tokenizer) and a ``compute_loss`` with extra entropy/token-accuracy metrics. drpost replaces exactly
-that loss/backward path and takes already tokenised rows, so an SFTTrainer subclass would have to
-override its loss and bypass its data preparation: more code for no behaviour. Tokenise with TRL or
-``drpost.data`` and pass the rows here.
+The step lives in :class:`DrPostTrainerMixin`, so that it has one implementation for every Trainer
+it runs in: ``DrPostTrainer`` (the plain ``transformers.Trainer``, for tokenised rows with labels)
+and :class:`drpost.integrations.DrPostSFTTrainer` (TRL's ``SFTTrainer``: raw datasets in TRL's
+formats, chat templates, completion/assistant-only labels, packing and padding-free batches,
+``peft_config``; :mod:`drpost.integrations.trl_sft`).
 
 How the pieces map onto the Trainer (transformers 5):
 
@@ -96,92 +95,69 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import Trainer, TrainingArguments
 
 from .. import checkpoint as ckpt
 from ..batch import IGNORE_INDEX
-from ..engine import DataRegularizer, NonFiniteError, OptionError
-from ..training_options import DrPostTrainingOptions, check_int
+from ..engine import DataRegularizer, NonFiniteError
+from ..training_options import DrPostTrainerOptions
 from .auto_frac import AutoFrac, holdout_rows
 from .checkpoints import DRPOST_STATE_NAME, CrashSafeCheckpoints, _checkpoint_step
 from .sharded_checkpoints import ShardedCheckpoints
 from .target_sampler import TargetSampler
 
-__all__ = ["DrPostArguments", "DrPostTrainer", "TargetSampler", "DRPOST_STATE_NAME"]
+__all__ = ["DrPostArguments", "DrPostTrainer", "DrPostTrainerMixin", "TargetSampler", "DRPOST_STATE_NAME"]
 
 _TARGET_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 @dataclass
-class DrPostArguments(TrainingArguments, DrPostTrainingOptions):
+class DrPostArguments(TrainingArguments, DrPostTrainerOptions):
     """``TrainingArguments`` plus the Dr. Post-Training options: every field of :class:`drpost.DrPostOptions`
-    (the same help texts, choices and checks; ``nonfinite`` defaults to 'skip') and ``target_batch_size``
-    (:class:`drpost.training_options.DrPostTrainingOptions`), so ``HfArgumentParser(DrPostArguments)``
+    (the same help texts, choices and checks; ``nonfinite`` defaults to 'skip'), ``target_batch_size``,
+    the frac='auto' knobs, ``n_target`` and ``selection_log``
+    (:class:`drpost.training_options.DrPostTrainerOptions`), so ``HfArgumentParser(DrPostArguments)``
     offers them all as flags. ``seed`` is TrainingArguments' and also seeds the target sampler and drpost
     (the ``random`` feasible set, the sketches)."""
 
-    n_target: int = field(
-        default=16,
-        metadata={"help": "Minimum number of rows the target dataset must have (a guard against passing "
-                          "the wrong, too small split)."})
-    selection_log: str | None = field(
-        default=None,
-        metadata={"help": "Path of a JSON-lines file that gets, per optimisation step (main process), the "
-                          "samples each layer chose (per micro-batch) and a SHA-256 digest of all selection "
-                          "masks (with several processes: the main process's rows); on resume the lines after "
-                          "the checkpoint's step are dropped, so an interrupted and resumed run writes the "
-                          "same file as an uninterrupted one."})
-
     def __post_init__(self):
-        try:
-            self.check_training_options()
-            check_int(self, "n_target")
-            if self.frac_auto and self.auto_holdout >= self.n_target:
-                raise OptionError("auto_holdout", f"auto_holdout must be < n_target ({self.n_target}) with "
-                                                  "frac='auto': the validation slice held out of the target "
-                                                  "examples would leave none for the target gradient, got "
-                                                  f"{self.auto_holdout}")
-        except OptionError as err:
-            raise OptionError(err.option, f"DrPostArguments: {err}") from None
+        self.check_trainer_options(type(self).__name__)
         TrainingArguments.__post_init__(self)
 
 
-class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
-    """A ``transformers.Trainer`` whose backward is ``DataRegularizer.backward``.
+class DrPostTrainerMixin(ShardedCheckpoints, CrashSafeCheckpoints):
+    """The Dr. Post-Training step inside a ``transformers.Trainer`` (or a subclass such as TRL's
+    ``SFTTrainer``): everything this module's docstring describes. A trainer class puts it first in its
+    bases and calls :meth:`_init_drpost` at the end of its ``__init__``; ``_prepare_target`` is the hook
+    through which a subclass turns the user's target dataset into tokenised rows."""
 
-    Args (besides the Trainer's own):
-        args: ``DrPostArguments``.
-        target_dataset: a list or ``datasets.Dataset`` of tokenised target examples (``input_ids``,
-            ``labels`` with -100 for unsupervised positions, optional ``attention_mask``), collated
-            with the trainer's ``data_collator``. May be None only for ``feasible_set="standard"``.
+    ARGS_CLASS: type = DrPostTrainerOptions
 
-    ``trainer.regularizer`` is the ``DataRegularizer`` (created at the first training step on the
-    prepared, unwrapped model; ``last_masks``/``last_scores`` describe the last micro-batch). It stays
-    attached after ``train()``; ``trainer.regularizer.detach()`` removes its hooks.
-    """
-
-    def __init__(self, model=None, args: DrPostArguments | None = None, data_collator=None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, *trainer_args, target_dataset=None, **kwargs):
-        if args is None:
-            args = DrPostArguments(output_dir="trainer_output")
-        if not isinstance(args, DrPostArguments):
-            raise TypeError(f"DrPostTrainer needs DrPostArguments, got {type(args).__name__}; "
-                            "DrPostArguments accepts every TrainingArguments field")
+    @classmethod
+    def _check_args(cls, args) -> None:
+        if not isinstance(args, cls.ARGS_CLASS):
+            raise TypeError(f"{cls.__name__} needs {cls.ARGS_CLASS.__name__}, got {type(args).__name__}; "
+                            f"{cls.ARGS_CLASS.__name__} accepts every field of {cls.ARGS_CLASS.__mro__[1].__name__}")
         if args.frac_auto and args.world_size > 1:   # every rank sees the same arguments: all refuse
             raise ValueError("frac='auto' runs in one process only: every rank would evaluate the validation slice "
                              "itself and nothing makes the ranks agree on its loss to the last bit, so they could "
                              "choose different fracs; under torchrun give frac a number (e.g. the one a "
                              "single-process frac='auto' run chose: metrics.json auto_frac.chosen)")
-        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
-                         *trainer_args, **kwargs)
-        if args.world_size > 1:
+
+    def _init_drpost(self, target_dataset) -> None:
+        """After the Trainer's ``__init__``: no DDP wrapper under torchrun, the target rows checked."""
+        if self.args.world_size > 1:
             self._no_ddp_wrapping()
-        self.target_dataset = self._check_target(target_dataset)
+        self.target_dataset = self._check_target(self._prepare_target(target_dataset))
         self._reg: DataRegularizer | None = None
         self._reset_run_state()
+
+    def _prepare_target(self, target):
+        """The target dataset as tokenised rows (``input_ids``, ``labels``); here: as given."""
+        return target
 
     def _no_ddp_wrapping(self) -> None:
         """Several processes: drpost reduces the gradients itself, so the model must not be wrapped in
@@ -189,18 +165,18 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         ``Accelerator.prepare_model``; call that with ``evaluation_mode=True``, which keeps device
         placement and the autocast ``forward`` and skips only the DDP wrapper."""
         if self.is_deepspeed_enabled:
-            raise ValueError("DrPostTrainer does not support DeepSpeed: its engine owns the backward and the "
+            raise ValueError(f"{type(self).__name__} does not support DeepSpeed: its engine owns the backward and the "
                              "gradient partitions, which drpost writes itself; use FSDP2 (fsdp='full_shard', "
                              "fsdp_config={'version': 2}) or plain torchrun data parallelism")
         if self.is_fsdp_enabled:
             version = getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1)
             if version != 2:
-                raise ValueError(f"DrPostTrainer supports FSDP2 only (fsdp_config version {version} given): FSDP1 "
+                raise ValueError(f"{type(self).__name__} supports FSDP2 only (fsdp_config version {version} given): FSDP1 "
                                  "flattens the layers' parameters, which drpost scores one by one; set "
                                  "fsdp_config={'version': 2}")
             return   # accelerate applies fully_shard; the engine reduce-scatters the chosen gradients
         if self.args.n_gpu > 1:
-            raise NotImplementedError("DrPostTrainer does not support nn.DataParallel (several GPUs in one "
+            raise NotImplementedError(f"{type(self).__name__} does not support nn.DataParallel (several GPUs in one "
                                       "process): launch one process per GPU with torchrun")
         accelerator = self.accelerator
         prepare_model = accelerator.prepare_model
@@ -275,7 +251,7 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         if self._reg is None:
             a = self.args
             if a.n_gpu > 1:
-                raise NotImplementedError("DrPostTrainer does not support nn.DataParallel (several GPUs in one "
+                raise NotImplementedError(f"{type(self).__name__} does not support nn.DataParallel (several GPUs in one "
                                           "process): launch one process per GPU with torchrun")
             self._reg = DataRegularizer(self.accelerator.unwrap_model(model), a.engine_options(),
                                         pad_token_id=getattr(self.processing_class, "pad_token_id", None))
@@ -300,7 +276,7 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
         self._auto_step_frac = None
         self._step_tokens = None
         self._micro: list = []
-        self._metrics: dict = {}
+        self._drpost_metrics: dict = {}
         self._skipped_in_interval = 0
         self._selection_micro: list = []
 
@@ -350,8 +326,8 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
                 self._auto.after_step(self._auto_step_frac)
                 for name, value in (("auto_frac", self._auto_step_frac),
                                     ("auto_candidates", len(self._auto.schedule.alive))):
-                    total, n = self._metrics.get(name, (0.0, 0))
-                    self._metrics[name] = (total + value, n + 1)
+                    total, n = self._drpost_metrics.get(name, (0.0, 0))
+                    self._drpost_metrics[name] = (total + value, n + 1)
         if self._step_tokens is not None:
             loss = stats.general_loss * stats.general_tokens / self._step_tokens.to(stats.general_loss.device)
             if self.args.world_size > 1:
@@ -398,8 +374,8 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
             step.update(selected_mean=counts.mean(), selected_min=counts.min(), selected_max=counts.max(),
                         selected_tokens=tokens.mean())
         for name, value in step.items():
-            total, n = self._metrics.get(name, (0.0, 0))
-            self._metrics[name] = (total + value.detach().float(), n + 1)
+            total, n = self._drpost_metrics.get(name, (0.0, 0))
+            self._drpost_metrics[name] = (total + value.detach().float(), n + 1)
 
     def _log_selection(self, reg, stats, finalize: bool) -> None:
         """Append this micro-batch's selection; at the step's end write the step's line (main process)."""
@@ -444,10 +420,10 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:      # a training log: add the drpost running means of the interval
-            for name, (total, n) in self._metrics.items():
+            for name, (total, n) in self._drpost_metrics.items():
                 logs[name] = float(total) / n
             logs["skipped_steps"] = self._skipped_in_interval
-            self._metrics, self._skipped_in_interval = {}, 0
+            self._drpost_metrics, self._skipped_in_interval = {}, 0
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ start-up checks
@@ -490,3 +466,31 @@ class DrPostTrainer(ShardedCheckpoints, CrashSafeCheckpoints, Trainer):
             self._check_ranks_agree(checkpoint)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+
+class DrPostTrainer(DrPostTrainerMixin, Trainer):
+    """A ``transformers.Trainer`` whose backward is ``DataRegularizer.backward``.
+
+    Args (besides the Trainer's own):
+        args: ``DrPostArguments``.
+        target_dataset: a list or ``datasets.Dataset`` of tokenised target examples (``input_ids``,
+            ``labels`` with -100 for unsupervised positions, optional ``attention_mask``), collated
+            with the trainer's ``data_collator``. May be None only for ``feasible_set="standard"``.
+
+    ``trainer.regularizer`` is the ``DataRegularizer`` (created at the first training step on the
+    prepared, unwrapped model; ``last_masks``/``last_scores`` describe the last micro-batch). It stays
+    attached after ``train()``; ``trainer.regularizer.detach()`` removes its hooks.
+    For raw (untokenised) data, chat templates and padding-free batches use
+    :class:`drpost.integrations.DrPostSFTTrainer`, the same step on TRL's ``SFTTrainer``.
+    """
+
+    ARGS_CLASS = DrPostArguments
+
+    def __init__(self, model=None, args: DrPostArguments | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, *trainer_args, target_dataset=None, **kwargs):
+        if args is None:
+            args = DrPostArguments(output_dir="trainer_output")
+        self._check_args(args)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                         *trainer_args, **kwargs)
+        self._init_drpost(target_dataset)

@@ -236,8 +236,8 @@ class _SFTTrainer(DrPostTrainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if flags is not None and flags.numel():
             for name, value in _target_like_shares(self.args.feasible_set, flags, self.regularizer).items():
-                total, n = self._metrics.get(name, (0.0, 0))
-                self._metrics[name] = (total + value, n + 1)
+                total, n = self._drpost_metrics.get(name, (0.0, 0))
+                self._drpost_metrics[name] = (total + value, n + 1)
         for observe in self.step_observers:
             observe(self, flags, kinds)
         return loss

@@ -3,6 +3,8 @@
 import json
 import time
 
+import pytest
+
 import torch
 
 from drpost import DataRegularizer
@@ -12,7 +14,7 @@ from models_tiny import llama, make_batch
 
 
 def test_bench_runs_and_writes_its_tables(tmp_path, capsys):
-    args = ["bench", "--num-layers", "1", "--batch", "2", "--seq", "16", "--reps", "1", "--warmup", "0",
+    args = ["bench", "--num-layers", "1", "--batch", "2", "--seq", "16", "--reps", "3", "--warmup", "0",
             "--configs", "layerwise:auto,global:sketch", "--out", str(tmp_path), "--no-progress", "--threads", "1",
             "--memory", "inprocess"]
     assert main(args) == 0
@@ -31,6 +33,31 @@ def test_bench_runs_and_writes_its_tables(tmp_path, capsys):
         rows["layerwise:auto"]["breakdown_s"])
     assert {"activation_backward", "weight_grad", "forward", "optimizer"} <= set(rows["plain"]["breakdown_s"])
     assert "Breakdown" in capsys.readouterr().out
+    # pair ratios (step i over plain step i) for wall and CPU time, and the ranking verdict
+    assert len(report["times"]["plain"]) == len(report["cpu_times"]["plain"]) == 3
+    for key in ("layerwise:auto", "global:sketch"):
+        for kind, series in (("pair_ratio", "times"), ("cpu_pair_ratio", "cpu_times")):
+            s = rows[key][kind]
+            ratios = sorted(a / b for a, b in zip(report[series][key], report[series]["plain"]))
+            assert s["n"] == 3 and s["median"] == pytest.approx(ratios[1]) and s["q1"] <= s["median"] <= s["q3"]
+    pairs = report["ranking"]["ranked"] + report["ranking"]["unrankable"]
+    assert report["ranking"]["by"] == "cpu_pair_ratio" and len(pairs) == 6       # 4 drpost/naive variants
+    assert "pair ratio, CPU time" in text and ("too large to rank" in text or "Ranked by" in text)
+
+
+def test_bench_stats_pair_ratios_quartiles_and_ranking():
+    from drpost import bench_stats as bs
+
+    assert bs.pair_ratios([2.0, 3.0, 4.0], [1.0, 2.0, 0.0]) == [2.0, 1.5]
+    s = bs.summary([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (s["q1"], s["median"], s["q3"], s["n"]) == (2.0, 3.0, 4.0, 5)
+    assert bs.summary([1.2])["q1"] == bs.summary([1.2])["q3"] == 1.2
+    rows = {"a": bs.summary([1.00, 1.01, 1.02]), "b": bs.summary([1.10, 1.11, 1.12]),
+            "c": bs.summary([0.98, 1.03, 1.2])}
+    ranked, unrankable = bs.rank(rows)
+    assert ("a", "b") in ranked and ("a", "c") not in ranked
+    assert ("a", "c") in unrankable and ("c", "b") in unrankable
+    assert bs.too_noisy(rows["c"]) and not bs.too_noisy(rows["a"])
 
 
 def test_bench_measures_memory_in_a_process_per_variant(tmp_path):

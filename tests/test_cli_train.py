@@ -120,12 +120,12 @@ def test_missing_model_path_through_the_entry_point(tmp_path):
 def test_disk_full_while_saving_is_a_clear_error(tmp_path, monkeypatch, capsys):
     import errno
 
-    from drpost.integrations import DrPostTrainer
+    from drpost.integrations.checkpoints import CrashSafeCheckpoints
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(DrPostTrainer, "_save_checkpoint", full)
+    monkeypatch.setattr(CrashSafeCheckpoints, "_save_checkpoint", full)   # every drpost trainer's
     assert main(["train", TINY, "--train.steps", "2", "--eval.at_start", "false", "--output_dir", str(tmp_path),
                  *QUIET]) == 2
     err = capsys.readouterr().err

@@ -13,7 +13,10 @@ device) it times, **alternating in one process** so that machine drift hits ever
   forward/backward on the chosen rows only).
 
 Each variant gets ``warmup`` untimed and ``reps`` timed steps; the report gives the median step
-time, the ratio of medians to ``plain``, the peak memory of a step and its ratio to ``plain`` (on
+time, the ratio of medians to ``plain``, the median and interquartile range of the *pair ratios*
+(step i of the variant over plain step i of the same repetition) for wall time and for process CPU
+time (:mod:`drpost.bench_stats`; run with ``OMP_WAIT_POLICY=PASSIVE``, as ``./run.sh bench`` does,
+for CPU time to mean work done), which variants it can rank (disjoint IQRs) and which it cannot, the peak memory of a step and its ratio to ``plain`` (on
 CPU measured in a fresh process per variant: a warm-up step, the kernel's peak-RSS counter reset,
 one measured step; on CUDA the allocator's peak), and, from
 ``breakdown_reps`` extra steps with a :class:`~drpost.profiling.PhaseTimer`, the time per phase:
@@ -39,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from drpost import bench_stats
 from drpost.batch import IGNORE_INDEX, causal_lm_token_losses
 from drpost.bench_memory import PeakCUDA, PeakRSS, memory_in_subprocesses, proc_status_kb, reset_peak_rss
 from drpost.bench_report import format_report, write_report
@@ -67,7 +71,7 @@ class BenchConfig(DrPostOptions):
     target: int = field(default=1, metadata=help_meta("target rows V"))
     dtype: str = field(default="fp32", metadata=help_meta("fp32, or bf16 autocast (fp32 weights)", ("fp32", "bf16")))
     device: str = field(default="cpu", metadata=help_meta("cpu or cuda[:N]"))
-    reps: int = field(default=5, metadata=help_meta("timed steps per variant"))
+    reps: int = field(default=10, metadata=help_meta("timed steps per variant (= pairs with the plain step)"))
     warmup: int = field(default=1, metadata=help_meta("untimed steps per variant first"))
     breakdown_reps: int = field(default=1, metadata=help_meta("extra steps timed per phase (0: no breakdown)"))
     configs: list = field(default_factory=lambda: list(DEFAULT_CONFIGS), metadata=help_meta(
@@ -337,6 +341,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         memory = "subprocess"
     keys = ["plain"] + list(cfg.configs) + (["naive:vmap", "naive:two_pass"] if cfg.naive else [])
     times = {k: [] for k in keys}
+    cpu = {k: [] for k in keys}
     peaks = {k: [] for k in keys}
     failed: dict[str, str] = {}
     memory_notes = {}
@@ -361,10 +366,10 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             try:
                 bench.sync()
                 with meter:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     step()
                     bench.sync()
-                    dt = time.perf_counter() - t0
+                    dt, dc = time.perf_counter() - t0, time.process_time() - c0
             except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as err:
                 if not key.startswith("naive:"):
                     raise
@@ -373,6 +378,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 continue
             if rep >= cfg.warmup:
                 times[key].append(dt)
+                cpu[key].append(dc)
                 if hasattr(meter, "peak"):
                     peaks[key].append(meter.peak)
     bar.close()
@@ -408,10 +414,16 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             used[b] = used.get(b, 0) + 1
         rows.append({"config": key, "median_s": med, "ratio": med / base_t,
                      "ratio_min_max": [min(times[key]) / base_t, max(times[key]) / base_t],
+                     "pair_ratio": bench_stats.summary(bench_stats.pair_ratios(times[key], times["plain"])),
+                     "cpu_pair_ratio": bench_stats.summary(bench_stats.pair_ratios(cpu[key], cpu["plain"])),
                      "peak_mb": max(peaks[key]) / 2 ** 20 if peaks[key] else float("nan"),
                      "memory_ratio": max(peaks[key]) / base_m if peaks[key] else float("nan"),
                      "memory_note": memory_notes.get(key), "backends": used, "breakdown_s": breakdown.get(key, {})})
     n_params = sum(p.numel() for p in bench.params)
+    on_cpu = bench.device.type == "cpu"
+    kind = "cpu_pair_ratio" if on_cpu else "pair_ratio"
+    ranked, unrankable = bench_stats.rank({r["config"]: r[kind] for r in rows
+                                           if "failed" not in r and r["config"] != "plain"})
     return {
         "config": asdict(cfg),
         "model_layers": bench.model.config.num_hidden_layers,
@@ -426,6 +438,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                     "device_name": torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else "cpu"},
         "rows": rows,
         "times": times,
+        "cpu_times": cpu,
+        "ranking": {"by": kind, "ranked": ranked, "unrankable": unrankable},
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
 
 

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from . import bench_stats
+
 PHASES = ("forward", "backward", "activation_backward", "weight_grad", "scoring", "selection", "norm_rules",
           "assembly", "optimizer", "pass_1", "pass_2", "per_sample_grads")
 
@@ -19,16 +21,19 @@ def format_report(report: dict) -> str:
             + (f" (refresh every {c['refresh_every']})" if c.get("target_strategy") == "separate" else "")
             + f", {c['reps']} timed reps after "
             f"{c['warmup']} warm-up, variants alternated; memory = {report['memory_kind']}")
-    lines = [head, "", "| variant | median s | ratio to plain (min-max) | peak MB | memory ratio | back-ends (layers) |",
-             "|---|---|---|---|---|---|"]
+    lines = [head, "", "| variant | median s | ratio to plain (min-max) | pair ratio, wall: median [IQR] | "
+             "pair ratio, CPU time: median [IQR] | peak MB | memory ratio | back-ends (layers) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if "failed" in r:
-            lines.append(f"| {r['config']} | failed: {r['failed']} | | | | |")
+            lines.append(f"| {r['config']} | failed: {r['failed']} | | | | | | |")
             continue
         lo, hi = r["ratio_min_max"]
         used = ", ".join(f"{k} {v}" for k, v in sorted(r["backends"].items()))
         lines.append(f"| {r['config']} | {r['median_s']:.3f} | {r['ratio']:.3f} ({lo:.2f}-{hi:.2f}) | "
+                     f"{_iqr(r.get('pair_ratio'))} | {_iqr(r.get('cpu_pair_ratio'))} | "
                      f"{r['peak_mb']:.0f} | {r['memory_ratio']:.3f} | {used} |")
+    lines += _ranking_lines(report)
     phases = [p for p in PHASES if any(p in r.get("breakdown_s", {}) for r in report["rows"])]
     if phases:
         lines += ["", "Breakdown (ms per step; exclusive time per phase):", "",
@@ -40,6 +45,32 @@ def format_report(report: dict) -> str:
             cells = ["" if p not in bd else f"{bd[p] * 1e3:.0f}" for p in phases]
             lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {sum(bd.values()) * 1e3:.0f} |")
     return "\n".join(lines)
+
+
+def _iqr(s: dict | None) -> str:
+    if not s or not s.get("n"):
+        return ""
+    mark = " (noisy)" if bench_stats.too_noisy(s) else ""
+    return f"{s['median']:.3f} [{s['q1']:.3f}-{s['q3']:.3f}]{mark}"
+
+
+def _ranking_lines(report: dict) -> list[str]:
+    """Which variants the run can rank (disjoint IQRs of the pair ratios) and which it cannot."""
+    ranking = report.get("ranking")
+    if not ranking:
+        return []
+    by = "CPU-time" if ranking["by"] == "cpu_pair_ratio" else "wall-time"
+    lines = [""]
+    if ranking["ranked"]:
+        lines.append(f"Ranked by {by} pair ratio (IQRs disjoint): "
+                     + "; ".join(f"{a} < {b}" for a, b in ranking["ranked"]) + ".")
+    if ranking["unrankable"]:
+        lines.append(f"Spread too large to rank (IQRs of the {by} pair ratios overlap): "
+                     + "; ".join(f"{a} ~ {b}" for a, b in ranking["unrankable"]) + ".")
+    if ranking["by"] == "cpu_pair_ratio" and str(report.get("omp_wait_policy") or "").upper() != "PASSIVE":
+        lines.append("OMP_WAIT_POLICY is not PASSIVE: idle OpenMP threads spin and count as CPU time, so the CPU-time "
+                     "ratios include waiting; rerun as `OMP_WAIT_POLICY=PASSIVE drpost bench ...` (./run.sh bench sets it).")
+    return lines
 
 
 def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:

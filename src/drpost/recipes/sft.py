@@ -8,7 +8,7 @@
 The recipe, top to bottom: make the run directory and write the resolved ``config.yaml``; load the
 model (the embedded SmolLM2-135M-Instruct or a local directory; LoRA via peft, or full fine-tuning
 with a frozen embedding); build the target / test / general splits (:mod:`drpost.data.splits`);
-train with :class:`~drpost.integrations.DrPostTrainer` (every ``feasible_set``, ``standard``
+train with :class:`~drpost.integrations.DrPostSFTTrainer` (every ``feasible_set``, ``standard``
 included, goes through the same trainer), evaluating the held-out perplexity every
 ``train.eval_every`` steps; evaluate at the end (perplexity + the task's generation metrics on
 ``eval.n_test`` test examples); write the outputs.
@@ -51,7 +51,7 @@ from drpost.data.splits import SFTData, build_sft_data
 from drpost.distributed import LaunchRanks
 from drpost.evaluation import generate, perplexity
 from drpost.evaluation.metrics import generation_scores
-from drpost.integrations import DrPostArguments, DrPostTrainer
+from drpost.integrations.trl_sft import DrPostSFTConfig, DrPostSFTTrainer
 from drpost.models import load_model
 from drpost.plots import plot_curves
 from drpost.recipes.common import (DTYPES, DiskFullError, RunDirError, check_run_dir,  # noqa: F401 (re-exported)
@@ -214,8 +214,8 @@ class _StepTimer(TrainerCallback):
             self._t0 = None
 
 
-class _SFTTrainer(DrPostTrainer):
-    """``DrPostTrainer`` whose ``evaluate`` is the token-mean perplexity of the held-out target test
+class _SFTTrainer(DrPostSFTTrainer):
+    """``DrPostSFTTrainer`` (on rows the recipe tokenised itself, ``skip_prepare_dataset``) whose ``evaluate`` is the token-mean perplexity of the held-out target test
     split (:func:`drpost.evaluation.perplexity`: the sum of cross-entropies over all supervised tokens
     divided by their number, not a mean of batch means). Logged as ``eval_loss`` / ``eval_ppl``."""
 
@@ -256,14 +256,19 @@ class _SFTTrainer(DrPostTrainer):
 
 def build_trainer(cfg: Config, model, tokenizer, data: SFTData, test_eval, run_dir: Path, resume: bool,
                   progress: bool, ranks: LaunchRanks | None = None):
-    """The recipe's trainer (``DrPostTrainer`` with the held-out perplexity as ``evaluate``) and its step timer."""
+    """The recipe's trainer (``DrPostSFTTrainer`` with the held-out perplexity as ``evaluate``) and its step timer.
+
+    The rows are :mod:`drpost.data`'s (chat-formatted, tokenised, labelled, with ``kind``/``source``
+    columns), so SFTTrainer's own preparation is skipped and the recipe's collator pads them."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
     t, r = cfg.train, cfg.drpost
     eval_steps = t.eval_every if t.eval_every else None
-    args = DrPostArguments(
+    args = DrPostSFTConfig(
         output_dir=str(run_dir),
+        dataset_kwargs={"skip_prepare_dataset": True},   # drpost.data tokenised the rows
+        max_length=None,                                 # and enforced data.max_len
         max_steps=t.steps,
         learning_rate=t.lr,
         per_device_train_batch_size=t.batch_size,

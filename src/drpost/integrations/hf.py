@@ -128,6 +128,11 @@ class DrPostArguments(TrainingArguments, DrPostTrainerOptions):
         TrainingArguments.__post_init__(self)
 
 
+def rows_shown(indices: list[int], most: int = 10) -> str:
+    """``"3, 7, 12 ..."``: the first ``most`` row numbers of an error message."""
+    return ", ".join(map(str, indices[:most])) + (" ..." if len(indices) > most else "")
+
+
 class DrPostTrainerMixin(ShardedCheckpoints, CrashSafeCheckpoints):
     """The Dr. Post-Training step inside a ``transformers.Trainer`` (or a subclass such as TRL's
     ``SFTTrainer``): everything this module's docstring describes. A trainer class puts it first in its
@@ -219,10 +224,9 @@ class DrPostTrainerMixin(ShardedCheckpoints, CrashSafeCheckpoints):
             if labels.dim() != 1 or not bool((labels[1:] != IGNORE_INDEX).any()):
                 empty.append(i)
         if empty:
-            shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
             raise ValueError(f"{len(empty)} target example(s) have no supervised tokens (every label after the "
-                             f"first position is -100): rows {shown}; check the chat template / label masking "
-                             "and truncation, or drop those rows")
+                             f"first position is -100): rows {rows_shown(empty)}; check the chat template / label "
+                             "masking and truncation, or drop those rows")
         return target
 
     def _target_batch_for_step(self) -> dict | None:

@@ -48,7 +48,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from ..training_options import DrPostTrainerOptions
-from .hf import DrPostTrainerMixin
+from .hf import DrPostTrainerMixin, rows_shown
 
 __all__ = ["DrPostSFTConfig", "DrPostSFTTrainer", "check_assistant_turns", "check_same_tokenization"]
 
@@ -151,9 +151,9 @@ class DrPostSFTTrainer(DrPostTrainerMixin, SFTTrainer):
         cut = rows.map(lambda ex: {"input_ids": ex["input_ids"][sl], "labels": ex["labels"][sl]})
         lost = [i for i in long if all(v == -100 for v in cut[i]["labels"][1:])]
         if lost:
-            shown = ", ".join(map(str, lost[:10])) + (" ..." if len(lost) > 10 else "")
             raise ValueError(f"{len(lost)} target example(s) have no supervised tokens left after truncation to "
-                             f"max_length={length} (truncation_mode={self.args.truncation_mode!r}): rows {shown}; "
+                             f"max_length={length} (truncation_mode={self.args.truncation_mode!r}): "
+                             f"rows {rows_shown(lost)}; "
                              "raise max_length, use truncation_mode='keep_end' for long prompts, or drop those rows")
         return cut
 
@@ -232,9 +232,9 @@ def check_assistant_turns(data, role: str) -> None:
     bad = [i for i, conv in enumerate(conversations)
            if conv is not None and not any(isinstance(m, dict) and m.get("role") == "assistant" for m in conv)]
     if bad:
-        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
         raise ValueError(f"{len(bad)} {role} example(s) have no assistant turn (a 'messages' conversation needs a "
-                         f"message with role 'assistant', the answer the model learns): rows {shown}; add the "
+                         f"message with role 'assistant', the answer the model learns): rows {rows_shown(bad)}; "
+                         "add the "
                          "answers or drop those rows")
 
 

@@ -234,8 +234,7 @@ def check_assistant_turns(data, role: str) -> None:
     if bad:
         raise ValueError(f"{len(bad)} {role} example(s) have no assistant turn (a 'messages' conversation needs a "
                          f"message with role 'assistant', the answer the model learns): rows {rows_shown(bad)}; "
-                         "add the "
-                         "answers or drop those rows")
+                         "add the answers or drop those rows")
 
 
 # ---------------------------------------------------------------------- the two datasets agree

@@ -177,6 +177,60 @@ def run_hf(out_dir: str, per_device: int):
 
 
 # ---------------------------------------------------------------------------------------------
+# packed (padding-free) batches: a sample is a sequence, so the ranks hold different numbers of them
+
+PACKED = {"packed-layerwise": dict(feasible_set="layerwise"),
+          "packed-global-separate": dict(feasible_set="global", target_strategy="separate"),
+          "packed-filter-global": dict(feasible_set="filter", scope="global"),
+          "packed-random": dict(feasible_set="random")}
+PACKED_G = ([[4, 5], [3, 3, 3]], [[9], [2, 7]])     # rank 0: 2 rows, 5 sequences; rank 1: 2 rows, 3 sequences
+
+
+def packed_shards(step: int) -> list[tuple[dict, dict]]:
+    """Per rank (general, target) of one step: packed general rows of 9 tokens; rank 0's target is one
+    packed row of two sequences, rank 1's an ordinary padded row of 6 tokens (with an attention mask)."""
+    from test_packed import packed_batch, padded_batch
+
+    general = [packed_batch(PACKED_G[r], seed=400 + 10 * step + r) for r in range(WORLD)]
+    target = [packed_batch([[4, 5]], seed=500 + step), padded_batch([[6]], seed=600 + step)]
+    return list(zip(general, target))
+
+
+def packed_reference_batches(step: int) -> tuple[dict, dict]:
+    """What one process sees: the ranks' general rows stacked, and the target rows as the engine's
+    gather rebuilds them (rank order, padded to 9 columns, positions for the ordinary row, padding
+    continuing its last position with labels -100)."""
+    (g0, t0), (g1, t1) = packed_shards(step)
+    general = {k: torch.cat([g0[k], g1[k]]) for k in ("input_ids", "position_ids", "labels")}
+    n = t1["input_ids"].shape[1]
+    width = t0["input_ids"].shape[1]
+    ids = torch.zeros(1, width, dtype=torch.long)
+    labels = torch.full((1, width), -100, dtype=torch.long)
+    ids[:, :n], labels[:, :n] = t1["input_ids"], t1["labels"]
+    target = {"input_ids": torch.cat([t0["input_ids"], ids]), "labels": torch.cat([t0["labels"], labels]),
+              "position_ids": torch.cat([t0["position_ids"], torch.arange(width)[None]])}
+    return general, target
+
+
+def run_packed(kw, rank=0, world=1):
+    from drpost import DataRegularizer
+
+    m = model()
+    reg = DataRegularizer(m, frac=FRAC, pad_token_id=0, distributed=world > 1 or None, **kw)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=LR)
+    masks, selected = [], []
+    for step in range(STEPS):
+        g, t = packed_shards(step)[rank] if world > 1 else packed_reference_batches(step)
+        opt.zero_grad(set_to_none=True)
+        stats = reg.backward(g, t)
+        opt.step()
+        masks.append({k: v.clone() for k, v in reg.last_masks.items()})
+        selected.append({k: float(v) for k, v in stats.selected.items()})
+    return {"masks": masks, "selected": selected, "distributed": reg.distributed,
+            "params": {n: p.detach().clone() for n, p in m.named_parameters()}}
+
+
+# ---------------------------------------------------------------------------------------------
 # the workers
 
 def _worker(out: Path) -> None:
@@ -213,16 +267,8 @@ def _worker(out: Path) -> None:
 
     part("unequal-batch", unequal)
 
-    def packed():
-        reg = DataRegularizer(model(), frac=FRAC)
-        g = shard(general[0], rank, world)
-        if rank == 1:   # one rank packs: the gathered flags refuse it on both
-            g = {k: v for k, v in g.items() if k != "attention_mask"}
-            pos = torch.arange(g["input_ids"].shape[1]).repeat(g["input_ids"].shape[0], 1)
-            g["position_ids"] = torch.where(pos < 3, pos, pos - 3)
-        return {"raised": errors(lambda: reg.backward(g, shard(target[0], rank, world)))}
-
-    part("packed", packed)
+    for name, kw in PACKED.items():
+        part(name, lambda: run_packed(kw, rank, world))
 
     def ddp():
         wrapped = torch.nn.parallel.DistributedDataParallel(model())
@@ -343,9 +389,17 @@ def test_unequal_batch_sizes_fail_on_every_rank(ranks):
     assert all(r is not None and "different number of rows on each rank ([4, 3])" in r for r in raised), raised
 
 
-def test_packed_batch_fails_on_every_rank(ranks):
-    raised = [g["raised"] for g in part(ranks, "packed")]
-    assert all(r is not None and "rank(s) [1] passed a packed" in r for r in raised), raised
+@pytest.mark.parametrize("name", list(PACKED))
+def test_packed_batches_equal_one_process(ranks, name):
+    """Packed general rows with 5 and 3 sequences on the two ranks, a packed and an ordinary target
+    row: the same masks (per sequence), counts and parameters as one process on the stacked rows."""
+    got = part(ranks, name)
+    ref = run_packed(PACKED[name])
+    assert got[0]["distributed"] and not ref["distributed"]
+    assert [m[next(iter(m))].shape[0] for m in got[0]["masks"]] == [5] * STEPS     # rank 0's 5 sequences
+    assert [m[next(iter(m))].shape[0] for m in got[1]["masks"]] == [3] * STEPS
+    assert_same_run(got, ref)
+    assert got[0]["selected"] == got[1]["selected"] == ref["selected"]
 
 
 def test_ddp_wrapped_model_is_refused(ranks):

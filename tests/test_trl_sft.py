@@ -11,7 +11,6 @@ import glob
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -322,13 +321,13 @@ def test_refused_objectives_and_arguments(tmp_path, tok):
 # ---------------------------------------------------------------------------------------------
 # two ranks under torchrun
 
-def run_sft_worker(out_dir: str, per_device: int) -> dict:
+def run_sft_worker(out_dir: str, per_device: int, **kw) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
     tok = tokenizer()
     t, params = drpost_run(Path(out_dir), tok, "dist", frac=0.5, per_device_train_batch_size=per_device,
-                           target_batch_size=4, max_length=None)
+                           target_batch_size=4, max_length=None, **kw)
     logs = [{k: r[k] for k in ("loss", "selected_mean") if k in r} for r in train_logs(t)]
     return {"params": params, "logs": logs, "world": t.args.world_size, "wrapped": type(t.model_wrapped).__name__,
             "distributed": t.regularizer.distributed}
@@ -341,17 +340,28 @@ def _worker(out: Path) -> None:
     init_worker()
     res = Results()
     res.part("sft", lambda: run_sft_worker(str(out / f"rank{dist.get_rank()}"), per_device=2))
+    res.part("sft-free", lambda: run_sft_worker(str(out / f"free{dist.get_rank()}"), per_device=2,
+                                                padding_free=True))
     torch.save(res, out / f"rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process(tmp_path, tok):
-    from dist_launch import launch, part_of
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    from dist_launch import launch
 
-    start = time.perf_counter()
-    got = part_of(launch(__file__, tmp_path, timeout=600), "sft")
-    assert time.perf_counter() - start < 600
-    ref = run_sft_worker(str(tmp_path / "one"), per_device=4)
+    out = tmp_path_factory.mktemp("sft-dist")
+    return launch(__file__, out, timeout=600)
+
+
+@pytest.mark.parametrize("part,kw", [("sft", {}), ("sft-free", {"padding_free": True})])
+def test_two_ranks_equal_one_process(tmp_path, tok, two_ranks, part, kw):
+    """Padded rows, and padding-free rows (each rank packs its 2 sequences into one row; the
+    ranks' target slices too): the same update as one process on the 4 rows."""
+    from dist_launch import part_of
+
+    got = part_of(two_ranks, part)
+    ref = run_sft_worker(str(tmp_path / "one"), per_device=4, **kw)
     assert got[0]["world"] == 2 and got[0]["distributed"] and not ref["distributed"]
     assert got[0]["wrapped"] == got[1]["wrapped"] == "LlamaForCausalLM"        # no DDP wrapper
     for name, p in ref["params"].items():

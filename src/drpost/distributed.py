@@ -129,10 +129,6 @@ class DistContext:
                                                                  async_op=async_op))
         return t
 
-    def local_rows(self, full: torch.Tensor, b: int) -> torch.Tensor:
-        """This rank's slice of a tensor gathered along dim 0 from ``b`` rows per rank."""
-        return full[self.rank * b:(self.rank + 1) * b]
-
 
 class _Done:
     def wait(self, timeout=None) -> bool:
@@ -223,47 +219,72 @@ def check_same_batch_size(ctx: DistContext, sizes: list[int]) -> None:
 # ---------------------------------------------------------------------------------------------
 # target rows
 
-_KEYS = ("input_ids", "attention_mask", "labels")
+ROW_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 
 
 def gather_rows(ctx: DistContext, batch: dict | None, pad_id: int, extra=()) -> tuple[dict | None, torch.Tensor]:
-    """Every rank's rows of ``batch`` (None = no rows here), concatenated in rank order and right-padded
-    to the longest sequence: pad id, attention 0, labels -100. Two collectives: the sizes (with the
-    integers ``extra`` of every rank, returned as [world, len(extra)]), then the padded rows.
-    Only input_ids, attention_mask and labels travel."""
+    """Every rank's rows of ``batch`` (a checked batch, or None = no rows here), concatenated in rank
+    order and right-padded to the longest sequence: pad id, attention 0, labels -100. Two collectives:
+    the sizes (with the integers ``extra`` of every rank, returned as [world, len(extra)]), then the
+    padded rows. input_ids, attention_mask and labels travel; when some rank's rows are packed
+    (padding-free: ``position_ids`` restarting inside a row), every row travels with its positions
+    instead of an attention mask (an ordinary row gets 0..T-1; padding continues the last position, so
+    it stays in its row's last sample with labels -100) and the result is a packed batch."""
     n, t = (batch["input_ids"].shape[0], batch["input_ids"].shape[1]) if batch is not None else (0, 0)
-    head = torch.tensor([[n, t, *extra]], dtype=torch.int64, device=ctx.device)
+    packed = int(batch is not None and not batch["_layout"].identity)
+    head = torch.tensor([[n, t, packed, *extra]], dtype=torch.int64, device=ctx.device)
     heads = ctx.all_gather(head).cpu()
-    rows, seqs = heads[:, 0].tolist(), heads[:, 1].tolist()
+    rows, seqs, positions = heads[:, 0].tolist(), heads[:, 1].tolist(), bool(heads[:, 2].any())
     if sum(rows) == 0:
-        return None, heads[:, 2:]
+        return None, heads[:, 3:]
     big_n, big_t = max(rows), max(seqs)
-    payload = torch.empty((3, big_n, big_t), dtype=torch.int64, device=ctx.device)
+    keys = ROW_KEYS if positions else ROW_KEYS[:3]
+    payload = torch.empty((len(keys), big_n, big_t), dtype=torch.int64, device=ctx.device)
     for j, value in enumerate((pad_id, 0, IGNORE_INDEX)):
         payload[j].fill_(value)
         if n:
-            # a packed batch has no attention_mask; it travels as ones (the caller refuses packed batches)
-            payload[j, :n, :t] = batch[_KEYS[j]] if _KEYS[j] in batch else 1
-    full = ctx.all_gather(payload).view(ctx.world, 3, big_n, big_t)
+            # a packed batch has no attention_mask; it travels as ones and is dropped below
+            payload[j, :n, :t] = batch[keys[j]] if keys[j] in batch else 1
+    if positions:
+        cols = torch.arange(big_t, device=ctx.device)
+        payload[3].copy_(cols.expand(big_n, big_t))
+        if n:
+            pos = batch.get("position_ids")
+            pos = cols[:t].expand(n, t) if pos is None else pos.to(ctx.device, torch.int64)
+            payload[3, :n, :t] = pos
+            payload[3, :n, t:] = pos[:, -1:] + 1 + torch.arange(big_t - t, device=ctx.device)
+    full = ctx.all_gather(payload).view(ctx.world, len(keys), big_n, big_t)
     stacked = torch.cat([full[r, :, :rows[r]] for r in range(ctx.world) if rows[r]], dim=1)
-    return dict(zip(_KEYS, stacked.unbind(0))), heads[:, 2:]
+    out = dict(zip(keys, stacked.unbind(0)))
+    if positions:
+        out.pop("attention_mask")
+    return out, heads[:, 3:]
 
 
 # ---------------------------------------------------------------------------------------------
 # scores
 
-def gather_scores(ctx: DistContext, scores: torch.Tensor, tag: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_scores(ctx: DistContext, scores: torch.Tensor, tag: int,
+                  counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Local scores [B] or [B, R] -> (the ranks' scores concatenated along dim 0, as float64, which is
     exact for the float32/float64 scores drpost computes, so the selection sees the same order and
-    ties; a device flag, True when every rank sent the same ``tag``). The tag (the group index)
-    catches ranks that process their layers in a different order; the flag is checked at the end of
-    the step (see ``check_tags``), so the backward needs no host synchronisation."""
+    ties; a device flag, True when every rank sent the same ``tag``). ``counts``: the samples of every
+    rank when they differ (packed batches); each rank's scores are padded to the largest count for
+    the gather and cut back after it. The tag (the group index) catches ranks that process their
+    layers in a different order; the flag is checked at the end of the step (see ``check_tags``), so
+    the backward needs no host synchronisation."""
     b, rest = scores.shape[0], tuple(scores.shape[1:])
-    payload = torch.cat([torch.full((1,), float(tag), dtype=torch.float64, device=scores.device),
-                         scores.detach().to(torch.float64).flatten()])
-    full = ctx.all_gather(payload[None])                 # [world, 1 + B * R]
+    width = max(counts) if counts else b
+    flat = scores.detach().to(torch.float64).reshape(b, -1)
+    if width > b:
+        flat = torch.cat([flat, flat.new_zeros(width - b, flat.shape[1])])
+    payload = torch.cat([torch.full((1,), float(tag), dtype=torch.float64, device=scores.device), flat.flatten()])
+    full = ctx.all_gather(payload[None])                 # [world, 1 + width * R]
     tags = full[:, 0]
-    return full[:, 1:].reshape((ctx.world * b,) + rest), (tags == tags[0]).all()
+    per_rank = full[:, 1:].reshape((ctx.world, width) + rest)
+    if counts and len(set(counts)) > 1:
+        return torch.cat([per_rank[r, :counts[r]] for r in range(ctx.world)]), (tags == tags[0]).all()
+    return per_rank.reshape((ctx.world * width,) + rest), (tags == tags[0]).all()
 
 
 def check_tags(ok: torch.Tensor | None) -> None:

@@ -122,20 +122,25 @@ class DistributedReduction(LocalReduction):
     def exchange(self, general: dict, target: dict | None, needs_target: bool, options) -> dict | None:
         """Check that every rank has B general rows and, when this step needs the target, all-gather
         every rank's target rows so that each rank holds the whole target batch (one collective for
-        the sizes, one for the rows)."""
+        the sizes, one for the rows). Packed (padding-free) batches: a sample is a sequence, so the
+        ranks may hold different numbers of rows and samples; the sample counts are kept for
+        :meth:`choose`, and the target rows travel with their ``position_ids``."""
         ctx, b = self.ctx, general["input_ids"].shape[0]
+        samples = general["_layout"].n
         packed = int(_packed(general) or _packed(target))
         if needs_target:
-            full, extra = _dist.gather_rows(ctx, target, self.pad_token_id, extra=(b, packed))
+            full, extra = _dist.gather_rows(ctx, target, self.pad_token_id, extra=(b, samples, packed))
         else:
-            full, extra = None, ctx.all_gather(torch.tensor([[b, packed]], device=ctx.device)).cpu()
-        _refuse_packed(extra[:, 1].tolist())
-        sizes = extra[:, 0].tolist()
-        _dist.check_same_batch_size(ctx, sizes)
-        dropped = sorted(k for k in (target or {}) if k not in _dist._KEYS and not k.startswith("_"))
+            full, extra = None, ctx.all_gather(torch.tensor([[b, samples, packed]], device=ctx.device)).cpu()
+        if any(extra[:, 2].tolist()):
+            self.sample_counts = extra[:, 1].tolist()          # may differ between ranks
+        else:
+            _dist.check_same_batch_size(ctx, extra[:, 0].tolist())
+            self.sample_counts = None                          # b samples on every rank
+        dropped = sorted(k for k in (target or {}) if k not in _dist.ROW_KEYS and not k.startswith("_"))
         if dropped:
-            self.warn(f"drpost: distributed steps gather only input_ids/attention_mask/labels of the target "
-                      f"batch; {dropped} are dropped")
+            self.warn(f"drpost: distributed steps gather only input_ids/attention_mask/labels (position_ids of "
+                      f"packed rows) of the target batch; {dropped} are dropped")
         if not needs_target:
             return target
         if full is None:
@@ -146,9 +151,7 @@ class DistributedReduction(LocalReduction):
 
     def capture_rows(self, target_batch, device) -> dict:
         target = check_batch(target_batch, "target", device) if target_batch is not None else None
-        target, extra = _dist.gather_rows(self.ctx, target, self.pad_token_id,   # every rank captures it all
-                                          extra=(int(_packed(target)),))
-        _refuse_packed(extra[:, 0].tolist())
+        target, _ = _dist.gather_rows(self.ctx, target, self.pad_token_id)   # every rank captures it all
         if target is None:
             raise ValueError("capture_target: no rank passed target rows")
         return check_batch(target, "target", device)
@@ -168,13 +171,15 @@ class DistributedReduction(LocalReduction):
         the concatenation as one process would; this rank keeps its slice. ``random`` needs no
         scores: every rank's generator is in the same state and draws the same mask."""
         ctx, b, step = self.ctx, scores.shape[0], pipeline.step
+        counts = getattr(self, "sample_counts", None) or [b] * ctx.world
         if pipeline.options.feasible_set == "random":
-            full = scores.new_empty((ctx.world * b,) + tuple(scores.shape[1:]))
+            full = scores.new_empty((sum(counts),) + tuple(scores.shape[1:]))
         else:
-            full, ok = _dist.gather_scores(ctx, scores, tag)
+            full, ok = _dist.gather_scores(ctx, scores, tag, counts)
             step.tags_ok = ok if step.tags_ok is None else step.tags_ok & ok
         full_mask = pipeline.select(full, None).to(scores.device)
-        return ctx.local_rows(full_mask, b), full_mask
+        start = sum(counts[:ctx.rank])
+        return full_mask[start:start + b], full_mask
 
     # ------------------------------------------------------------------ the gradients, overlapped
     bucket_bytes = DDP_BUCKET_BYTES  # the all-reduces' bucket size (DDP's default)
@@ -324,12 +329,3 @@ def _age_target(pipeline) -> None:
 
 def _packed(batch: dict | None) -> bool:
     return batch is not None and not batch["_layout"].identity
-
-
-def _refuse_packed(flags: list) -> None:
-    """Raised on every rank (the flags were gathered): packed batches are one-process only."""
-    if any(flags):
-        ranks = [r for r, f in enumerate(flags) if f]
-        raise ValueError(f"rank(s) {ranks} passed a packed (padding-free) batch: with several processes drpost "
-                         "gathers target rows and counts samples per row, so packed batches are supported in "
-                         "one process only; pad the batches one sequence per row under torchrun")

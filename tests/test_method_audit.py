@@ -32,10 +32,18 @@ def test_meso_is_used_for_every_feasible_set(tmp_path, feasible_set, strategy):
                       ["--drpost.feasible_set", feasible_set, "--drpost.target_strategy", strategy,
                        "--train.optimizer", "meso", "--train.meso_rank", "4", "--train.lora_r", "0",
                        "--output_dir", str(tmp_path)])
-    rows = [{k: v[i] for k, v in mt.make_batch(8, 10, seed=1).items()} | {"kind": "x"} for i in range(8)]
+    from datasets import Dataset
+
+    rows = [{k: v[i].tolist() for k, v in mt.make_batch(8, 10, seed=1).items()} | {"kind": "x"} for i in range(8)]
+    rows = Dataset.from_list(rows)  # the recipe's splits are datasets.Dataset (drpost.data.splits)
     data = SimpleNamespace(general=rows, target=rows, test=rows)
     model = mt.llama(tied=False).float()
-    trainer, _ = sft.build_trainer(cfg, model, SimpleNamespace(pad_token_id=0), data, rows, tmp_path / "run",
+    from transformers import AutoTokenizer
+
+    from drpost.models import smollm2_path
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path(), local_files_only=True)  # the recipe's SFTTrainer wants one
+    trainer, _ = sft.build_trainer(cfg, model, tok, data, rows, tmp_path / "run",
                                     resume=False, progress=False)
     assert isinstance(trainer.optimizer, MeSO) and trainer.optimizer.sketches()
 

@@ -3,6 +3,7 @@ resume, bad input; and the target-like share the SFT recipe logs."""
 
 import csv
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -127,6 +128,13 @@ def test_spectrum_end_to_end_resume_and_errors(tmp_path, capsys):
     assert text.count("keeping the finished run") == 5
     assert (out / "runs" / "standard-seed0" / "metrics.json").stat().st_mtime_ns == kept
     assert (out / "runs" / "layerwise-frac0.5-seed1" / "metrics.json").is_file()
+    # a fresh clone has the spectrum's files but not the run directories: their rows are kept
+    shutil.rmtree(out / "runs" / "target_only-seed1")
+    before = json.loads((out / "spectrum.json").read_text())["runs"][-1]
+    assert main(args + ["--resume"]) == 0
+    assert capsys.readouterr().out.count("keeping the finished run") == 6
+    assert not (out / "runs" / "target_only-seed1").exists()
+    assert json.loads((out / "spectrum.json").read_text())["runs"][-1]["test_ppl"] == before["test_ppl"]
     # resuming with another recipe is refused
     assert main(args + ["--resume", "--train.lr", "0.01"]) == 2
     assert "train.lr" in capsys.readouterr().err

@@ -26,7 +26,9 @@ Spectrum directory ``<output_dir>/<run_name>/``:
   ``curves.png``: test perplexity and training loss against the step (mean over seeds).
 
 ``resume=True`` keeps the finished runs (those with a ``metrics.json`` whose config is the one
-this grid asks for) and redoes the others, so an interrupted spectrum loses at most one run.
+this grid asks for) and redoes the others, so an interrupted spectrum loses at most one run. A run
+whose directory is gone (a fresh clone carries only the spectrum's own files) is kept from its row in
+``spectrum.json`` when that row has this grid point's run directory and step count.
 """
 
 from __future__ import annotations
@@ -136,15 +138,16 @@ def run_spectrum(cfg: Config, resume: bool = False, overwrite: bool = False, pro
 
     t0 = time.perf_counter()
     runs: list[dict] = []
+    saved = _saved_rows(out) if resume else {}
     bar = tqdm(list(zip(points, configs)), desc="spectrum", unit="run", disable=not progress, dynamic_ncols=True)
     for point, pcfg in bar:
         bar.set_postfix_str(point.name)
-        metrics = _finished(pcfg) if resume else None
-        if metrics is None:
-            metrics = run_sft(pcfg, overwrite=True, progress=progress)
+        row = _finished_row(point, pcfg, saved) if resume else None
+        if row is None:
+            row = run_row(point, run_sft(pcfg, overwrite=True, progress=progress))
         else:
             print(f"spectrum: keeping the finished run {pcfg.run_dir}", flush=True)
-        runs.append(run_row(point, metrics))
+        runs.append(row)
         _write(out, cfg, runs, final=False)  # partial tables survive an interruption
     bar.close()
     result = _write(out, cfg, runs, final=True)
@@ -157,11 +160,16 @@ def run_spectrum(cfg: Config, resume: bool = False, overwrite: bool = False, pro
 
 def finished_runs(cfg: Config) -> list[dict]:
     """The rows (:func:`run_row`) of the grid points whose run has finished, in grid order."""
-    rows = []
+    rows, saved = [], _saved_rows(cfg.run_dir)
+    if saved and (cfg.run_dir / "config.yaml").is_file():
+        try:
+            _check_same_recipe(load_config(cfg.run_dir / "config.yaml"), cfg, cfg.run_dir)
+        except RunDirError:
+            saved = {}  # rows of another recipe: only run directories that match count
     for point in grid(cfg):
-        metrics = _finished(point_config(cfg, point))
-        if metrics is not None:
-            rows.append(run_row(point, metrics))
+        row = _finished_row(point, point_config(cfg, point), saved)
+        if row is not None:
+            rows.append(row)
     return rows
 
 
@@ -185,6 +193,30 @@ def _check_same_recipe(saved: Config, cfg: Config, out: Path) -> None:
     if diffs:
         raise RunDirError(f"cannot resume the spectrum in {out} with a different recipe: {', '.join(diffs)} changed "
                           "(only the spectrum grid may change; use --overwrite or another --run_name)")
+
+
+def _saved_rows(out: Path) -> dict[str, dict]:
+    """The run rows recorded in ``out/spectrum.json``, by run directory (empty when there is none)."""
+    try:
+        runs = json.loads((out / "spectrum.json").read_text()).get("runs", [])
+    except (OSError, ValueError):
+        return {}
+    return {str(r["run_dir"]): r for r in runs if isinstance(r, dict) and "run_dir" in r}
+
+
+def _finished_row(point: GridPoint, pcfg: Config, saved: dict[str, dict]) -> dict | None:
+    """The row of a finished run of this grid point: from its run directory, else (the directory is
+    gone) from the spectrum's own record of it, if that was a run of this point with as many steps."""
+    metrics = _finished(pcfg)
+    if metrics is not None:
+        return run_row(point, metrics)
+    if pcfg.run_dir.exists():
+        return None  # an interrupted run, or one of another config: redo it
+    row = saved.get(str(pcfg.run_dir))
+    if row is None or row.get("steps") != pcfg.train.steps or row.get("method") != point.method \
+            or row.get("seed") != point.seed or row.get("frac") != point.frac:
+        return None
+    return row
 
 
 def _finished(pcfg: Config) -> dict | None:

@@ -125,3 +125,26 @@ def test_rl_task_splits_are_disjoint():
         if task.preference_pairs:
             test_prompts = {r["prompt"] for r in task.test}
             assert not test_prompts & {p["prompt"] for p in task.preference_pairs}
+
+
+def test_balanced_category_task_gives_every_split_equal_sections():
+    """rl.balanced: no constant answer scores above 1/5 on the test split (the unbalanced corpus lets a
+    policy collapsed on 'sport' or 'business' score ~0.23)."""
+    from collections import Counter
+
+    from drpost.config import OptionError, RLConfig
+    from drpost.rl.tasks import SECTIONS, build_task, exact_match_reward
+
+    task = build_task("bbc_category", n_train=50, n_target=10, n_test=60, balanced=True)
+    for split in (task.train, task.target, task.test):
+        assert Counter(r["answer"] for r in split) == {s: len(split) // 5 for s in SECTIONS}
+    ids = [{r["id"] for r in split} for split in (task.train, task.target, task.test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    for constant in SECTIONS:
+        acc = sum(exact_match_reward(None, [constant] * 60, [r["answer"] for r in task.test])) / 60
+        assert acc == pytest.approx(0.2)
+    assert build_task("bbc_category", n_test=60, balanced=True).test != build_task("bbc_category", n_test=60).test
+    with pytest.raises(ValueError, match="balanced applies to the bbc_category task"):
+        build_task("bbc_headline", balanced=True)
+    with pytest.raises(OptionError, match="rl.balanced applies to the bbc_category task"):
+        RLConfig(task="bbc_headline", balanced=True)

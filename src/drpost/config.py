@@ -175,6 +175,7 @@ class RLConfig(PolicyGradientOptions):
     n_test: int = 60  # held-out test prompts (greedy decoding)
     n_pairs: int = 128  # bbc_headline: reward-model preference pairs (80% train, 20% held out)
     prompt_words: int = 25  # words of the article in a prompt
+    balanced: bool = False  # bbc_category: every split has the five sections in equal shares (a constant answer scores 1/5)
     eval_max_new_tokens: Optional[int] = None  # None: max_new_tokens
     rm_epochs: int = 2  # reward model (bbc_headline): Bradley-Terry epochs over the pairs
     rm_lr: float = 1e-3  # reward model: AdamW learning rate
@@ -192,6 +193,8 @@ class RLConfig(PolicyGradientOptions):
         self.check_policy_gradient_options()
         for name in ("n_train", "n_target", "n_test", "n_pairs", "prompt_words", "rm_epochs", "rm_batch_size"):
             check_int(self, name)
+        if self.balanced and self.task != "bbc_category":
+            raise OptionError("balanced", f"rl.balanced applies to the bbc_category task, not {self.task!r}")
         if self.target_batch > self.n_target:
             raise OptionError("target_batch", f"target_batch must be <= rl.n_target ({self.n_target}), the size of "
                                               f"the target pool, got {self.target_batch!r}")

@@ -126,7 +126,7 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
         torch.set_num_threads(t.threads)
     set_seed(t.seed)
     task = rl_tasks.build_task(rl.task, n_train=rl.n_train, n_target=rl.n_target, n_test=rl.n_test,
-                               n_pairs=rl.n_pairs, prompt_words=rl.prompt_words)
+                               n_pairs=rl.n_pairs, prompt_words=rl.prompt_words, balanced=rl.balanced)
     rm_stats = None
     if task.kind == "preference":
         reward_fns, rm_stats = _train_reward_model(cfg, task, progress)

@@ -4,6 +4,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# scoring='auto' measures back-ends per layer shape (drpost.scoring.calibration): one fresh cache per
+# test session (inherited by the distributed tests' worker processes), never the user's ~/.cache
+import tempfile  # noqa: E402
+
+os.environ["DRPOST_CALIBRATION_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="drpost-calibration-"),
+                                                      "scoring_calibration.json")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -43,6 +43,11 @@ def test_bench_runs_and_writes_its_tables(tmp_path, capsys):
     pairs = report["ranking"]["ranked"] + report["ranking"]["unrankable"]
     assert report["ranking"]["by"] == "cpu_pair_ratio" and len(pairs) == 6       # 4 drpost/naive variants
     assert "pair ratio, CPU time" in text and ("too large to rank" in text or "Ranked by" in text)
+    # why auto chose each back-end: every Linear layer measured (the tied embedding: reduced_ghost only)
+    why = rows["layerwise:auto"]["backend_reasons"]
+    assert sum(g["layers"] for g in why) == sum(rows["layerwise:auto"]["backends"].values())
+    assert any(g["reason"].startswith("measured fastest:") for g in why)
+    assert "Why `auto` chose each back-end" in text and "measured fastest:" in text
 
 
 def test_bench_stats_pair_ratios_quartiles_and_ranking():

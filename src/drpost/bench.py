@@ -190,6 +190,7 @@ class _Bench:
         self.target = _batch(vocab, cfg.target, cfg.seq, gen, self.device)
         self.regs: dict = {}
         self.backends: dict = {}
+        self.backend_reasons: dict = {}   # {config: {layer: why its back-end (auto: measured / modelled)}}
 
     def autocast(self):
         if self.cfg.dtype == "bf16":
@@ -259,6 +260,7 @@ class _Bench:
         with self.autocast():
             reg.backward(self.general, self.target)
         self.backends[key] = dict(reg.layer_backends)
+        self.backend_reasons[key] = dict(reg.layer_backend_reasons)
         self._optimizer_step(timer)
 
     # two-pass (GREATS-style): score and pick in pass 1, forward/backward the chosen rows in pass 2
@@ -315,6 +317,16 @@ class _Bench:
                     p.grad = (per_sample[n][idx].sum(0) / denom).to(p.dtype)
         del per_sample, target
         self._optimizer_step(timer)
+
+
+def _reasons_by_choice(backends: dict, reasons: dict) -> list[dict]:
+    """The layers of one config grouped by (back-end, why): [{backend, reason, layers, example}]."""
+    groups: dict = {}
+    for layer, backend in backends.items():
+        g = groups.setdefault((backend, reasons.get(layer, "")), {"backend": backend, "reason": reasons.get(layer, ""),
+                                                                   "layers": 0, "example": layer})
+        g["layers"] += 1
+    return list(groups.values())
 
 
 def _variant(bench: _Bench, key: str):
@@ -418,7 +430,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                      "cpu_pair_ratio": bench_stats.summary(bench_stats.pair_ratios(cpu[key], cpu["plain"])),
                      "peak_mb": max(peaks[key]) / 2 ** 20 if peaks[key] else float("nan"),
                      "memory_ratio": max(peaks[key]) / base_m if peaks[key] else float("nan"),
-                     "memory_note": memory_notes.get(key), "backends": used, "breakdown_s": breakdown.get(key, {})})
+                     "memory_note": memory_notes.get(key), "backends": used, "breakdown_s": breakdown.get(key, {}),
+                     "backend_reasons": _reasons_by_choice(bench.backends.get(key, {}),
+                                                           bench.backend_reasons.get(key, {}))})
     n_params = sum(p.numel() for p in bench.params)
     on_cpu = bench.device.type == "cpu"
     kind = "cpu_pair_ratio" if on_cpu else "pair_ratio"

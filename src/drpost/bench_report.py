@@ -34,6 +34,12 @@ def format_report(report: dict) -> str:
                      f"{_iqr(r.get('pair_ratio'))} | {_iqr(r.get('cpu_pair_ratio'))} | "
                      f"{r['peak_mb']:.0f} | {r['memory_ratio']:.3f} | {used} |")
     lines += _ranking_lines(report)
+    why = [(r["config"], g) for r in report["rows"] if ":auto" in r["config"] or r["config"].endswith("auto")
+           for g in r.get("backend_reasons") or []]
+    if why:
+        lines += ["", "Why `auto` chose each back-end (layers grouped by choice and reason):", ""]
+        lines += [f"- {cfg}: {g['backend']} for {g['layers']} layer(s), e.g. `{g['example']}`: {g['reason']}"
+                  for cfg, g in why]
     phases = [p for p in PHASES if any(p in r.get("breakdown_s", {}) for r in report["rows"])]
     if phases:
         lines += ["", "Breakdown (ms per step; exclusive time per phase):", "",

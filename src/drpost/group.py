@@ -9,6 +9,8 @@ how a back-end scores is answered by the back-end (drpost.scoring, looked up by 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .feasible import normalise_scores
@@ -61,8 +63,10 @@ class LayerGroup:
         return g.flatten(1).sum(1) if not rows else self._rule_of(p).row_sum(p, g, rows)
 
     # ------------------------------------------------------------------ back-end and target side
-    def backend(self, cfg: ScoringConfig, rule, b: int, v: int, s: int, k: int) -> str:
-        return choose_for_group(cfg, self.rules, self.calls, rule, b, v, s, k)
+    def backend(self, cfg: ScoringConfig, rule, b: int, v: int, s: int, k: int, measure=None) -> str:
+        """The back-end for this step's shape; why it was chosen is kept in ``backend_reason``."""
+        name, self.backend_reason = choose_for_group(cfg, self.rules, self.calls, rule, b, v, s, k, measure)
+        return name
 
     def target_repr(self, cfg: ScoringConfig, parts, backend: str, rows: bool):
         """The target rows in the form the back-end needs (raw sums over target rows)."""
@@ -78,15 +82,18 @@ class LayerGroup:
         else:
             old["repr"] = be.extend(old["repr"], new)
 
-    def cached_target(self, cfg: ScoringConfig, rule, b, v, s, k):
+    def cached_target(self, cfg: ScoringConfig, rule, b, v, s, k, measure=None):
         """(backend, target representation) from the separate strategy's cache."""
         if self.cache is None:
             raise RuntimeError(f"no target gradient cached for layer {self.name}: the target pass did not "
                                "reach it (is the layer used by the target batch?)")
         kind = self.cache["kind"]
-        backend = self.backend(cfg, rule, b, v, s, k)
+        if measure is not None:
+            measure = dataclasses.replace(measure, cache_kind=kind)
+        backend = self.backend(cfg, rule, b, v, s, k, measure)
         if BACKEND_TABLE[backend].cache_kind != kind:   # score with what the cache holds
             backend = cache_reader(kind).name
+            self.backend_reason = f"the cached target is {kind}"
         return backend, self.cache["repr"]
 
     def cache_state(self) -> dict | None:

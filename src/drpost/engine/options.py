@@ -110,6 +110,12 @@ class DrPostOptions:
         "Memory bound (MiB) of the per-sample gradients the 'direct' back-end materialises (it works in "
         "chunks above it; 'auto' never picks it above it)."))
 
+    auto_calibration: str = field(default="measure", metadata=help_meta(
+        "How scoring='auto' picks a layer's exact back-end: 'measure' (time the candidates once per layer "
+        "shape on this machine, cached in ~/.cache/drpost or $DRPOST_CALIBRATION_CACHE; a distributed run "
+        "uses the model so that every rank agrees) or 'model' (modelled FLOPs and memory traffic).",
+        ("measure", "model")))
+
     def __post_init__(self):
         self.check_options()
 

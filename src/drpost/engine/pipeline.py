@@ -15,6 +15,7 @@ import torch
 
 from .. import feasible as fs
 from ..group import LayerGroup, add_into
+from ..scoring.auto import Measure
 from . import selection
 from .state import StepState, TargetState
 
@@ -33,6 +34,7 @@ class Pipeline:
         self.last_global_scores = None   # global scope: summed (normalised) scores and the one subset
         self.last_global_mask = None
         self.layer_backends: dict = {}
+        self.layer_backend_reasons: dict = {}
 
     # ------------------------------------------------------------------ what the hooks use
     def phase(self, name: str):
@@ -101,6 +103,13 @@ class Pipeline:
         b, v = self.step.n_general, self.step.n_target
         return b, v, s, fs.num_selected(max(b, 1), self.options.frac)
 
+    def _measure(self, f) -> Measure | None:
+        """What auto_calibration='measure' times a layer's candidates with (None: the cost model)."""
+        if not self.scoring_cfg.calibrate or self.options.feasible_set == "rowwise":
+            return None
+        merged = self.step.mode == "merged"
+        return Measure(f.d.dtype, f.d.device, 1.0 if merged else 0.0)
+
     def _capture_group(self, group: LayerGroup) -> None:
         parts = group.take_pending()
         backend = group.backend(self.scoring_cfg, parts[0][0], *self._shape(parts[0][2].a.shape[1]))
@@ -113,12 +122,14 @@ class Pipeline:
         rows = self.options.feasible_set == "rowwise"
         shape = self._shape(parts[0][1].a.shape[1])
         with self.phase("scoring"):
+            measure = self._measure(parts[0][1])
             if step.mode == "merged":
-                backend = group.backend(cfg, parts[0][0], *shape)
+                backend = group.backend(cfg, parts[0][0], *shape, measure)
                 target = group.target_repr(cfg, parts, backend, rows)
             else:
-                backend, target = group.cached_target(cfg, parts[0][0], *shape)
+                backend, target = group.cached_target(cfg, parts[0][0], *shape, measure)
             self.layer_backends[group.name] = backend
+            self.layer_backend_reasons[group.name] = group.backend_reason
             raw, per_sample = group.scores(cfg, parts, target, backend, rows)
             scores = raw / self.target.tokens
             self.last_scores[group.name] = scores

@@ -88,6 +88,8 @@ class DataRegularizer:
         self._target = TargetState()
         self._reduction = make_reduction(model, process_group, distributed, model_device(model), self.pad_token_id,
                                          self._warn)
+        # measured back-end choice in one process only: ranks must agree without a collective
+        scoring_cfg.calibrate = opts.auto_calibration == "measure" and not self._reduction.distributed
         self._pipeline = Pipeline(opts, scoring_cfg, self._reduction, self._target, self._generator, self._warn)
         self._passes = Passes(model, loss_fn, self.pad_token_id, self._pipeline, self._reduction)
         self._passes.where = self._where
@@ -178,6 +180,8 @@ class DataRegularizer:
     last_global_scores = property(lambda self: self._pipeline.last_global_scores)
     last_global_mask = property(lambda self: self._pipeline.last_global_mask)
     layer_backends = property(lambda self: self._pipeline.layer_backends, doc="{layer: scoring back-end used}")
+    layer_backend_reasons = property(lambda self: self._pipeline.layer_backend_reasons,
+                                     doc="{layer: why scoring chose its back-end (measured/modelled costs)}")
 
     @property
     def last_selection(self) -> dict:

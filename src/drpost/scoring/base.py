@@ -27,6 +27,7 @@ class ScoringConfig:
     direct_max_bytes: float
     score_norm: str
     target_factors: bool    # may the target side be kept as factors (pairwise ghost)?
+    calibrate: bool = False  # auto: time the candidate back-ends per layer shape (scoring/calibration.py)
 
 
 def add_into(acc: dict, key, g: torch.Tensor, dtype=None) -> None:

@@ -1,0 +1,110 @@
+"""scoring='auto' by measurement (drpost.scoring.calibration): the fastest measured exact back-end
+wins, the choice and its reason are reported per layer, results are cached per machine and shape,
+the separate strategy only considers back-ends that read its cached target, and the gradients are
+those of any exact back-end (float64, against the reduced_ghost run)."""
+import json
+import os
+
+import models_tiny as mt
+import pytest
+import torch
+
+from drpost import DataRegularizer
+from drpost.scoring import calibration
+
+
+@pytest.fixture
+def fake_timings(monkeypatch, tmp_path):
+    """Timings chosen by the test: {back-end: seconds}; counts how many kernels were timed."""
+    monkeypatch.setenv("DRPOST_CALIBRATION_CACHE", str(tmp_path / "calibration.json"))
+    calibration.clear_memory()
+    state = {"seconds": {}, "timed": 0}
+
+    def kernels(rule, name, gen, tgt, k, share):
+        def run():
+            pass
+        run.backend = name
+        return run, None
+
+    def median(fn, device):
+        state["timed"] += 1
+        return state["seconds"][fn.backend]
+
+    monkeypatch.setattr(calibration, "_kernels", kernels)
+    monkeypatch.setattr(calibration, "_median_seconds", median)
+    yield state
+    calibration.clear_memory()
+
+
+def _step(model, **kw):
+    reg = DataRegularizer(model, feasible_set="layerwise", frac=0.5, **kw)
+    reg.backward(mt.make_batch(6, 10, seed=1), mt.make_batch(2, 10, seed=2))
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    reg.detach()
+    return reg, grads
+
+
+@pytest.mark.parametrize("fastest", ["direct", "pairwise_ghost", "reduced_ghost"])
+def test_the_fastest_measured_backend_is_chosen_and_exact(fake_timings, fastest):
+    fake_timings["seconds"] = {"reduced_ghost": 2e-3, "pairwise_ghost": 3e-3, "direct": 4e-3} | {fastest: 1e-3}
+    reg, grads = _step(mt.llama(tied=False))
+    linear = [n for n in reg.layer_backends if "proj" in n or n == "lm_head"]
+    assert linear and all(reg.layer_backends[n] == fastest for n in linear)
+    assert all(reg.layer_backend_reasons[n].startswith(f"measured fastest: {fastest} 1 ms") for n in linear)
+    # exact back-ends agree: the update equals the one scored with reduced_ghost everywhere
+    _, ref = _step(mt.llama(tied=False), scoring="reduced_ghost")
+    for n, g in ref.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-9, atol=1e-12)
+
+
+def test_measurements_are_cached_per_shape_in_memory_and_on_disk(fake_timings):
+    fake_timings["seconds"] = {"reduced_ghost": 1e-3, "pairwise_ghost": 3e-3, "direct": 2e-3}
+    _step(mt.llama(tied=False))
+    timed = fake_timings["timed"]
+    shapes = len(json.loads(open(os.environ["DRPOST_CALIBRATION_CACHE"]).read()))
+    assert timed == 3 * shapes and 0 < shapes < 8   # q/k/v/o/gate/up/down/lm_head: layers of one shape share
+    _step(mt.llama(tied=False))
+    assert fake_timings["timed"] == timed            # in memory
+    calibration.clear_memory()
+    fake_timings["seconds"] = {"reduced_ghost": 9.0, "pairwise_ghost": 9.0, "direct": 9.0}
+    reg, _ = _step(mt.llama(tied=False))
+    assert fake_timings["timed"] == timed            # from the file: a resumed run chooses as the first did
+    assert set(reg.layer_backends.values()) <= {"reduced_ghost"}
+
+
+def test_separate_strategy_only_considers_backends_that_read_the_cached_target(fake_timings):
+    fake_timings["seconds"] = {"reduced_ghost": 2e-3, "pairwise_ghost": 1e-4, "direct": 1e-3}
+    reg, _ = _step(mt.llama(tied=False), target_strategy="separate")
+    linear = [n for n in reg.layer_backends if "proj" in n]
+    assert all(reg.layer_backends[n] == "direct" for n in linear)
+    assert all("pairwise_ghost: target kept dense" in reg.layer_backend_reasons[n] for n in linear)
+
+
+def test_model_mode_and_custom_rules_keep_the_modelled_choice(fake_timings):
+    fake_timings["seconds"] = {"reduced_ghost": 1.0, "pairwise_ghost": 1.0, "direct": 1e-6}
+    reg, _ = _step(mt.llama(tied=False), auto_calibration="model")
+    assert fake_timings["timed"] == 0
+    assert all(r.startswith("modelled cheapest") or "only" in r or "several calls" in r
+               for r in reg.layer_backend_reasons.values())
+
+
+def test_real_measurement_runs_the_rules_kernels(tmp_path, monkeypatch):
+    """Without fakes: every candidate is timed on factors of the layer's shape, and the cache file holds it."""
+    monkeypatch.setenv("DRPOST_CALIBRATION_CACHE", str(tmp_path / "c.json"))
+    calibration.clear_memory()
+    reg, _ = _step(mt.llama(tied=False))
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data and all(set(v) == {"reduced_ghost", "pairwise_ghost", "direct"} and min(v.values()) > 0
+                        for v in data.values())
+    for name, backend in reg.layer_backends.items():
+        reason = reg.layer_backend_reasons[name]
+        if reason.startswith("measured fastest:"):
+            assert reason.split(": ")[1].startswith(backend)
+    calibration.clear_memory()
+
+
+def test_bad_option_value():
+    from drpost.engine.options import OptionError
+
+    with pytest.raises(OptionError, match="unknown auto_calibration 'fast'; choose one of measure, model"):
+        DataRegularizer(mt.llama(), auto_calibration="fast")

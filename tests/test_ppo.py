@@ -57,7 +57,7 @@ def prompt_rows(n, seed):
 
 @pytest.fixture
 def fake_rollouts(monkeypatch):
-    monkeypatch.setattr(grpo, "sample", fake_sample)   # PPOTrainer rolls out through PolicyGradientTrainer
+    monkeypatch.setattr(ppo, "sample", fake_sample)
 
 
 def critic(seed=3):
@@ -65,14 +65,14 @@ def critic(seed=3):
     return value_model_from_causal_lm(models_tiny.llama(tied=False, seed=seed))
 
 
-def make(cfg_kw, model=None, value_model=None, reward=toy_reward, target=8):
+def make(cfg_kw, model=None, value_model=None, reward=toy_reward, target=8, ref_model=None):
     kw = dict(prompts_per_step=6, group_size=2, micro_batch=5, max_new_tokens=4, lr=1e-2, value_lr=1e-2, beta=0.05,
               target_batch=3, scoring="reduced_ghost", epochs=2, mini_batches=1, gamma=0.9, lam=0.8,
               clip_eps=0.1, cliprange_value=0.05, max_grad_norm=1.0, weight_decay=0.01)
     kw.update(cfg_kw)
     model = model or models_tiny.llama(tied=False)
     return PPOTrainer(model, Tok(), reward, PPOConfig(**kw), prompt_rows(12, 1), prompt_rows(target, 2),
-                      value_model=critic() if value_model is None else value_model)
+                      value_model=critic() if value_model is None else value_model, ref_model=ref_model)
 
 
 def params(model):
@@ -233,16 +233,18 @@ def test_whitening_and_token_rewards_as_documented():
 # ---------------------------------------------------------------------------------------------- 2. standard
 def test_standard_ppo_step_equals_a_hand_written_ppo(fake_rollouts):
     """feasible_set='standard': one step (2 epochs = 2 optimiser steps over 12 rows in micro-batches
-    of 5) equals PPO written out with plain autograd on the whole rollout, policy and critic."""
-    base, vbase = models_tiny.llama(tied=False), critic()
-    tr = make({"feasible_set": "standard"}, copy.deepcopy(base), copy.deepcopy(vbase))
+    of 5) equals PPO written out with plain autograd on the whole rollout, policy and critic. The
+    reference policy differs from the policy, so the KL reward is not zero."""
+    base, vbase, ref = models_tiny.llama(tied=False), critic(), models_tiny.llama(tied=False, seed=5)
+    tr = make({"feasible_set": "standard"}, copy.deepcopy(base), copy.deepcopy(vbase), ref_model=copy.deepcopy(ref))
     log = tr.step()
     assert log["kept"] == 1.0 and all(math.isfinite(log[k]) for k in ("pg_loss", "value_loss", "kl", "reward"))
+    assert abs(log["kl"]) > 1e-3
     assert log["clip_frac"] > 0, "the second epoch should clip some ratios (the test covers the clip)"
     rows, scores = rollout_rows(tr)
     assert log["reward"] == pytest.approx(float(scores.mean()))
     policy, value = copy.deepcopy(base), copy.deepcopy(vbase)
-    oracle_ppo(policy, value, copy.deepcopy(base), rows, scores, tr.cfg)
+    oracle_ppo(policy, value, ref, rows, scores, tr.cfg)
     assert_params_equal(tr.model, policy)
     assert_params_equal(tr.value_model, value)
     assert any(not torch.equal(p, q) for p, q in zip(params(base).values(), params(tr.model).values()))
@@ -471,3 +473,24 @@ def test_empty_prompts_are_rejected():
     with pytest.raises(TypeError, match="PPOConfig"):
         PPOTrainer(models_tiny.llama(tied=False), Tok(), toy_reward, grpo.PolicyGradientConfig(), [{"prompt": "a"}])
     assert ppo.PPOConfig().group_size == 1 and ppo.PPOConfig().epochs == 4
+
+
+def test_lora_policy_uses_the_disabled_adapter_as_reference_and_a_lora_critic(fake_rollouts):
+    """A PEFT policy: the reference is the policy with its adapters disabled (no copy), the default
+    critic is a copy of the decoder whose only trainable weights are its LoRA adapters and the head;
+    a filter step runs and only LoRA weights of the policy move."""
+    model = models_tiny.llama_lora()
+    before = params(model)
+    cfg = PPOConfig(feasible_set="filter", prompts_per_step=3, group_size=2, micro_batch=4, max_new_tokens=3,
+                    target_batch=2, epochs=2, lr=1e-2, beta=0.1)
+    tr = PPOTrainer(model, Tok(), toy_reward, cfg, prompt_rows(6, 1), prompt_rows(4, 2))
+    assert tr.ref_model is None
+    trainable = {n for n, p in tr.value_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    log = tr.step()
+    assert math.isfinite(log["kl"]) and math.isfinite(log["value_loss"])
+    after = params(model)
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert moved and all("lora_" in n for n in moved)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} >= moved
+    tr.close()

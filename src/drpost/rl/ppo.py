@@ -61,10 +61,9 @@ from drpost.engine.options import OptionError, help_meta
 from drpost.training_options import policy_gradient_option
 
 from .grpo import _NEVER, PolicyGradientConfig, PolicyGradientTrainer
-from .iif import iif_keep
-from .loss import shifted_labels, token_logps
+from .loss import policy_logps, shifted_labels, token_logps
 from .rewards import call_rewards, zscore_rewards
-from .rollout import Rollout, sample
+from .rollout import sample
 
 POLICY_KEYS = ("input_ids", "attention_mask", "labels", "old_logps", "advantages")
 
@@ -290,8 +289,9 @@ class PPOTrainer(PolicyGradientTrainer):
             (default: :func:`value_model_from_causal_lm` of the policy).
         reward_weights: weights of the reward functions (default 1 each).
 
-    The rollout, reference, target-pool and prompt-order machinery is
-    :class:`~drpost.rl.grpo.PolicyGradientTrainer`'s; the advantages, the losses and the update are PPO's.
+    The checks, reference policy, prompt order, target capture and IIF scoring are
+    :class:`~drpost.rl.grpo.PolicyGradientTrainer`'s; the rollout rows live on the policy's device;
+    the advantages, the losses and the update are PPO's.
     """
 
     def __init__(self, model, tokenizer, reward_fns, cfg: PPOConfig, train_prompts: list[dict],
@@ -326,9 +326,22 @@ class PPOTrainer(PolicyGradientTrainer):
         self.value_optimizer = torch.optim.AdamW(self._value_params, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
 
     # ------------------------------------------------------------------ pieces
-    @property
-    def _needs_old_logps(self) -> bool:
-        return True   # PPO: the ratio over several epochs and the KL reward
+    def _rollout(self, prompts: list[dict], seed: int, logps: bool = True):
+        """Sample, score, build the rows on the policy's device; with ``logps`` add log pi_old and
+        (``beta > 0``) log pi_ref of the completion tokens."""
+        c = self.cfg
+        ad = torch.bfloat16 if c.bf16 else None
+        ro = sample(self.model, self.tokenizer, prompts, c.group_size, c.max_new_tokens, c.temperature,
+                    c.generation_batch, c.system_prompt, seed=seed, autocast_dtype=ad)
+        scores, parts = call_rewards(self.reward_fns, ro.prompts, ro.completions, self.reward_weights, **ro.columns)
+        device = next(self.model.parameters()).device
+        rows = {k: v.to(device) for k, v in ro.rows(self.pad_id).items()}
+        if logps:
+            rows["old_logps"] = policy_logps(self.model, rows, c.temperature, c.micro_batch, ad)
+            if c.beta > 0:
+                with self._reference() as ref:
+                    rows["ref_logps"] = policy_logps(ref, rows, c.temperature, c.micro_batch, ad)
+        return ro, scores, parts, rows
 
     @torch.no_grad()
     def _values(self, rows: dict) -> torch.Tensor:
@@ -372,7 +385,7 @@ class PPOTrainer(PolicyGradientTrainer):
                                                     full=c.target_loss == "train-loss")
         target = {k: rows[k] for k in ("input_ids", "attention_mask", "labels")}
         if c.target_loss == "reward":
-            target["advantages"] = zscore_rewards(scores).to(self._float)
+            target["advantages"] = zscore_rewards(scores).to(target["input_ids"].device, self._float)
         else:   # the PPO policy objective at ratio 1 (no old_logps): -sum_t A_t grad log pi
             target["advantages"] = rows["advantages"]
         return target, {"target_reward": float(scores.mean())}
@@ -469,5 +482,5 @@ class PPOTrainer(PolicyGradientTrainer):
         return log
 
 
-__all__ = ["PPOConfig", "PPOPolicyLoss", "PPOTrainer", "Rollout", "ValueModel", "call_rewards", "completion_mask",
-           "gae", "sample", "token_rewards", "value_loss_sum", "value_model_from_causal_lm", "whiten"]
+__all__ = ["PPOConfig", "PPOPolicyLoss", "PPOTrainer", "ValueModel", "completion_mask", "gae", "token_rewards",
+           "value_loss_sum", "value_model_from_causal_lm", "whiten"]

@@ -435,6 +435,14 @@ def test_a_value_model_returning_nan_is_a_clear_error(fake_rollouts):
         tr.step()
 
 
+def test_a_critic_sharing_the_policy_parameters_is_refused():
+    from drpost.rl.ppo import ValueModel
+
+    policy = models_tiny.llama(tied=False)
+    with pytest.raises(ValueError, match="value model shares parameters with the policy"):
+        make({"feasible_set": "standard"}, policy, ValueModel(policy.model, 16))
+
+
 def test_target_pool_smaller_than_target_batch_is_an_error():
     with pytest.raises(ValueError, match="target pool has 2 prompts, fewer than target_batch=3"):
         make({"feasible_set": "filter"}, target=2)

@@ -309,6 +309,10 @@ class PPOTrainer(PolicyGradientTrainer):
         self._value_params = [p for p in self.value_model.parameters() if p.requires_grad]
         if not self._value_params:
             raise ValueError("the value model has no trainable parameter")
+        if {id(p) for p in self.value_model.parameters()} & {id(p) for p in model.parameters()}:
+            raise ValueError("the value model shares parameters with the policy: drpost's feasible set applies to "
+                             "the policy loss only, so the critic must be a separate module (the default, "
+                             "value_model_from_causal_lm(policy), copies the policy's decoder)")
         super().__init__(model, tokenizer, reward_fns, cfg, train_prompts, target_prompts, ref_model, reward_weights)
         # the policy loss (replaces PolicyGradientTrainer's GRPO loss in the engines)
         self.loss = PPOPolicyLoss(cfg.clip_eps, cfg.temperature)
@@ -391,7 +395,9 @@ class PPOTrainer(PolicyGradientTrainer):
         return target, {"target_reward": float(scores.mean())}
 
     def _update(self, rows: dict) -> dict:
-        """epochs x mini_batches optimiser steps of policy and critic over ``rows``."""
+        """epochs x mini_batches optimiser steps of policy and critic over ``rows``. Logged
+        ``value_loss``: 0.5 x the token mean of the clipped value loss over a mini-batch (before
+        ``vf_coef``), averaged over the mini-batches (``_first``/``_last``: the first and last ones)."""
         c = self.cfg
         n = rows["input_ids"].shape[0]
         kept, seen, pg, vl, gnorms, vnorms = 0.0, 0, [], [], [], []

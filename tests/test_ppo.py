@@ -122,7 +122,8 @@ def oracle_ppo(policy, value, ref, rows, scores, c, keep=None, target=None, sele
     (mini_batches=1). ``keep`` (IIF): train only on those rows, with the whole rollout's advantages.
     ``select``: the global filter of drpost, per sample: score_i = <G_i, g_T> (every trainable
     parameter is scored), drop the negatives (frac=1), the update is the kept samples' summed
-    gradient over their token count; ``target`` gives g_T (the ``reward`` target loss)."""
+    gradient over their token count; g_T from the ``reward`` target loss on ``target`` rows, or
+    (``target=None``) from the ``train-loss`` target on the rollout itself."""
     pp = [p for p in policy.parameters() if p.requires_grad]
     vp = [p for p in value.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -140,10 +141,13 @@ def oracle_ppo(policy, value, ref, rows, scores, c, keep=None, target=None, sele
         rows = {k: v[idx] for k, v in rows.items()}
         old, mask, values, ret, adv = old[idx], mask[idx], values[idx], ret[idx], adv[idx]
     g_target = None
-    if select:
+    if select and target is not None:     # the reward target loss: -sum_n z_n sum_t log pi(y_nt)
         lp, tm = naive_logps(policy, target)
         z = target["advantages"].double().view(-1, 1)
         g_target = torch.autograd.grad(-(z * lp)[tm].sum(), pp)
+    elif select:                          # train-loss on the own rollout: the PPO objective at ratio 1
+        lp, _ = naive_logps(policy, rows)
+        g_target = torch.autograd.grad(-(adv * lp)[mask].sum(), pp)
     opt = torch.optim.AdamW(pp, lr=c.lr, weight_decay=c.weight_decay)
     vopt = torch.optim.AdamW(vp, lr=c.value_lr, weight_decay=c.weight_decay)
     dropped = 0
@@ -275,12 +279,16 @@ def frozen_norms(model):
     return model
 
 
-def test_selecting_filter_equals_the_oracle_on_the_kept_completions(fake_rollouts, monkeypatch):
+@pytest.mark.parametrize("target_loss,target_source", [("reward", "pool"), ("train-loss", "self")])
+def test_selecting_filter_equals_the_oracle_on_the_kept_completions(fake_rollouts, monkeypatch, target_loss,
+                                                                   target_source):
     """Global filter, frac=1 (drop every negatively scored completion), target = the z-scored
-    reward loss on rollouts of target prompts: each micro-batch's selection and the resulting
-    update equal a per-sample oracle (score = <G_i, g_T>, update = kept gradients / kept tokens)."""
+    reward loss on rollouts of target prompts, or the PPO objective on the step's own rollout:
+    each micro-batch's selection and the resulting update equal a per-sample oracle
+    (score = <G_i, g_T>, update = kept gradients / kept tokens); the critic trains on every row."""
     base, vbase = frozen_norms(models_tiny.llama(tied=False)), critic()
-    tr = make({"feasible_set": "filter", "frac": 1.0, "scope": "global"}, copy.deepcopy(base), copy.deepcopy(vbase))
+    tr = make({"feasible_set": "filter", "frac": 1.0, "scope": "global", "target_loss": target_loss,
+               "target_source": target_source}, copy.deepcopy(base), copy.deepcopy(vbase))
     captured = {}
     original = tr._capture
 
@@ -290,11 +298,15 @@ def test_selecting_filter_equals_the_oracle_on_the_kept_completions(fake_rollout
     monkeypatch.setattr(tr, "_capture", spy)
     log = tr.step()
     assert 0.0 < log["kept"] < 1.0, "the seed should give a partial selection"
-    target = captured["target"]
-    assert target["input_ids"].shape[0] == tr.cfg.target_batch * tr.cfg.group_size
-    torch.testing.assert_close(target["advantages"].double(),
-                               zscore_rewards(torch.tensor(log_target_scores(tr, target), dtype=torch.float64)))
     rows, scores = rollout_rows(tr)
+    target = None
+    if target_source == "pool":
+        target = captured["target"]
+        assert target["input_ids"].shape[0] == tr.cfg.target_batch * tr.cfg.group_size
+        torch.testing.assert_close(target["advantages"].double(),
+                                   zscore_rewards(torch.tensor(log_target_scores(tr, target), dtype=torch.float64)))
+    else:
+        assert torch.equal(captured["target"]["input_ids"], rows["input_ids"])
     policy, value = copy.deepcopy(base), copy.deepcopy(vbase)
     dropped = oracle_ppo(policy, value, copy.deepcopy(base), rows, scores, tr.cfg, target=target, select=True)
     assert dropped > 0

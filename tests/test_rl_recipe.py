@@ -72,6 +72,8 @@ def test_rl_config_section_validates_with_clear_errors():
 @pytest.mark.parametrize("extra,metric", [
     (["--drpost.scope", "global"], "accuracy"),                                    # GRPO + drpost filter
     (["--rl.task", "bbc_headline", "--rl.iif", "true", "--drpost.feasible_set", "standard"], "rougeL"),  # RM + RLOO, IIF
+    (["--rl.task", "bbc_headline", "--rl.algorithm", "ppo", "--rl.epochs", "2"], "rougeL"),  # RM + PPO, drpost filter
+    (["--rl.algorithm", "ppo", "--rl.iif", "true", "--drpost.feasible_set", "standard"], "accuracy"),  # PPO, IIF
 ])
 def test_drpost_train_rl_end_to_end(tmp_path, extra, metric):
     assert main(["train", TINY, "--output_dir", str(tmp_path), "--no-progress", *extra]) == 0
@@ -88,6 +90,9 @@ def test_drpost_train_rl_end_to_end(tmp_path, extra, metric):
         assert 0.0 <= h["kept"] <= 1.0 and math.isfinite(h["reward"])
     evals = [e["step"] for e in m["history"]["eval"]]
     assert evals[0] == 0 and evals[-1] == steps
+    if "ppo" in extra:
+        assert m["algorithm"] == "ppo" and m["policy_config"]["lam"] == 0.95
+        assert all(math.isfinite(h["value_loss"]) for h in m["history"]["train"])
     if metric == "rougeL":
         assert m["reward_model"]["pairs_train"] > 0 and 0 <= m["reward_model"]["held_out_accuracy"] <= 1
     preds = json.loads((run / "predictions.json").read_text())

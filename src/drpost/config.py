@@ -36,7 +36,8 @@ import yaml
 from .config_checks import RECIPES, SPECTRUM_BASELINES, build_section, validate  # noqa: F401 (public)
 from .config_values import ConfigError, Raw, coerce, parse_overrides
 from .engine.options import OptionError
-from .training_options import DrPostTrainingOptions, PolicyGradientOptions, check_int, policy_gradient_option
+from .training_options import (DrPostTrainingOptions, PolicyGradientOptions, PPOOptions, check_int,
+                               policy_gradient_option)
 
 __all__ = [
     "ConfigError",
@@ -159,14 +160,14 @@ RL_TASKS = ("bbc_category", "bbc_headline")
 
 
 @dataclass
-class RLConfig(PolicyGradientOptions):
+class RLConfig(PolicyGradientOptions, PPOOptions):
     """``recipe: rl``: GRPO/RLOO with drpost feasible sets (drpost.rl). The RL recipe reads model,
     drpost (the engine's options; the target strategy is always separate, drpost.refresh_every is the
     steps between target refreshes), train (steps, lr, LoRA, bf16, seed, threads, max_grad_norm,
     weight_decay, eval_every, save_final, gradient_checkpointing) and this section: the policy-gradient knobs
     (:class:`drpost.training_options.PolicyGradientOptions`, help texts there) and the task. The data
     section and drpost.target_batch_size are not used."""
-    algorithm: Optional[str] = policy_gradient_option("algorithm", None)  # None: grpo for bbc_category, rloo for bbc_headline
+    algorithm: Optional[str] = policy_gradient_option("algorithm", None)  # None: grpo for bbc_category, rloo for bbc_headline; ppo: drpost.rl.ppo (critic + GAE, the rl.gamma ... knobs)
     max_new_tokens: int = policy_gradient_option("max_new_tokens", 3)  # tokens sampled per completion
     system_prompt: Optional[str] = policy_gradient_option("system_prompt", None)  # None: the chat template's default
     task: str = field(default="bbc_category", metadata={"choices": list(RL_TASKS)})  # bbc_category (verifiable: GRPO) | bbc_headline (preference: reward model + RLOO)
@@ -191,6 +192,7 @@ class RLConfig(PolicyGradientOptions):
         if self.task not in RL_TASKS:
             raise OptionError("task", f"task must be one of {', '.join(RL_TASKS)}, got {self.task!r}")
         self.check_policy_gradient_options()
+        self.check_ppo_options()
         for name in ("n_train", "n_target", "n_test", "n_pairs", "prompt_words", "rm_epochs", "rm_batch_size"):
             check_int(self, name)
         if self.balanced and self.task != "bbc_category":

@@ -23,7 +23,7 @@ from .engine.options import DrPostOptions, OptionError, check_int, help_meta, is
 from .feasible import check_frac
 from .frac_schedule import DEFAULT_AUTO_FRACS, FracSchedule
 
-ALGORITHMS = ("grpo", "rloo")
+ALGORITHMS = ("grpo", "rloo", "ppo")
 TARGET_LOSSES = ("reward", "train-loss")
 TARGET_SOURCES = ("pool", "self")
 
@@ -220,9 +220,37 @@ class PolicyGradientOptions:
             raise OptionError("mini_batches", "mini_batches must be <= the rollout size (prompts_per_step * "
                                               f"group_size = {self.prompts_per_step * self.group_size}), got "
                                               f"{self.mini_batches!r}")
+        if algo == "ppo" and not 0 < self.clip_eps < 1:
+            raise OptionError("clip_eps", f"clip_eps must be in (0, 1) for PPO (the ratio is clipped to "
+                                          f"[1 - clip_eps, 1 + clip_eps]), got {self.clip_eps!r}")
         if algo == "rloo" and self.group_size < 2:
             raise OptionError("group_size", "group_size must be >= 2 for RLOO (leave-one-out baseline), got "
                                             f"{self.group_size!r}")
+
+
+@dataclass
+class PPOOptions:
+    """PPO's own knobs (the critic and GAE; :class:`drpost.rl.ppo.PPOTrainer`); checked by
+    :meth:`check_ppo_options`. The rest of a PPO run is :class:`PolicyGradientOptions`'."""
+
+    gamma: float = field(default=1.0, metadata=help_meta("PPO: GAE discount factor gamma in [0, 1]."))
+    lam: float = field(default=0.95, metadata=help_meta("PPO: GAE lambda in [0, 1]."))
+    cliprange_value: float = field(default=0.2, metadata=help_meta(
+        "PPO: clipping range of the value prediction around the rollout's values (> 0)."))
+    vf_coef: float = field(default=0.1, metadata=help_meta("PPO: weight of the value loss (the critic's own loss)."))
+    value_lr: float = field(default=5e-4, metadata=help_meta("PPO: AdamW learning rate of the critic."))
+    whiten_advantages: bool = field(default=True, metadata=help_meta(
+        "PPO: whiten the GAE advantages over all completion tokens of the rollout."))
+
+    def check_ppo_options(self) -> None:
+        for name, low, high in (("gamma", 0.0, 1.0), ("lam", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+                raise OptionError(name, f"{name} must be a number in [{low}, {high}], got {v!r}")
+        for name in ("cliprange_value", "vf_coef", "value_lr"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
+                raise OptionError(name, f"{name} must be a finite number > 0, got {v!r}")
 
 
 def policy_gradient_option(name: str, default: Any) -> Any:

@@ -6,7 +6,8 @@
 Top to bottom: build the task's splits (:mod:`drpost.rl.tasks`); load the policy (LoRA via peft);
 for a preference task, train a reward model on preference pairs first (a second copy of the model
 with a scalar head, Bradley-Terry loss) and report its held-out pair accuracy; then run
-``train.steps`` steps of :class:`drpost.rl.PolicyGradientTrainer` with the drpost feasible set,
+``train.steps`` steps of :class:`drpost.rl.PolicyGradientTrainer` (GRPO / RLOO; ``rl.algorithm: ppo``:
+:class:`drpost.rl.ppo.PPOTrainer`, a critic and GAE) with the drpost feasible set,
 IIF, or plain (``drpost.feasible_set: standard``), evaluating the greedy test score every
 ``train.eval_every`` steps with the task's *independent* scorer (exact match for bbc_category;
 ROUGE-L F1 against the real headline for bbc_headline, never the reward model).
@@ -44,16 +45,21 @@ def _algorithm(cfg: Config) -> str:
 
 
 def policy_config(cfg: Config) -> PolicyGradientConfig:
-    """The trainer's config: the engine's options from ``drpost:``, the loop's from ``rl:``, the optimiser's
-    and the seed from ``train:``."""
+    """The trainer's config: the engine's options from ``drpost:``, the loop's (and PPO's critic / GAE
+    knobs) from ``rl:``, the optimiser's and the seed from ``train:``. A :class:`drpost.rl.ppo.PPOConfig`
+    when ``rl.algorithm`` is ppo."""
     from drpost import DrPostOptions
-    from drpost.training_options import PolicyGradientOptions, values_of
+    from drpost.rl.ppo import PPOConfig
+    from drpost.training_options import PolicyGradientOptions, PPOOptions, values_of
 
     rl, t = cfg.rl, cfg.train
-    return PolicyGradientConfig(**{
+    values = {
         **values_of(cfg.drpost, DrPostOptions), **values_of(rl, PolicyGradientOptions),
         "algorithm": _algorithm(cfg), "feasible_set": "standard" if rl.iif else cfg.drpost.feasible_set,
-        "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "seed": t.seed})
+        "lr": t.lr, "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm, "bf16": t.bf16, "seed": t.seed}
+    if values["algorithm"] == "ppo":
+        return PPOConfig(**values, **values_of(rl, PPOOptions))
+    return PolicyGradientConfig(**values)
 
 
 def evaluate_policy(model, tokenizer, rows: list[dict], scorer, max_new_tokens: int, system_prompt,
@@ -145,7 +151,12 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
     print(f"drpost rl: {pg.algorithm} on {rl.task} ({task.summary()}), method {method} "
           f"(frac {pg.frac}, scope {pg.scope}), target {rl.target_source}/{rl.target_loss}, {t.steps} steps of "
           f"{rl.prompts_per_step}x{rl.group_size} completions -> {run_dir}", flush=True)
-    trainer = PolicyGradientTrainer(model, tok, reward_fns, pg, task.train, task.target)
+    if pg.algorithm == "ppo":
+        from drpost.rl.ppo import PPOTrainer
+
+        trainer = PPOTrainer(model, tok, reward_fns, pg, task.train, task.target)
+    else:
+        trainer = PolicyGradientTrainer(model, tok, reward_fns, pg, task.train, task.target)
     writer = SummaryWriter(str(run_dir / "tensorboard"))
     eval_tokens = rl.eval_max_new_tokens or rl.max_new_tokens
     evals, history = [], []
@@ -187,7 +198,7 @@ def run_rl(cfg: Config, overwrite: bool = False, progress: bool = True) -> dict:
         "metric": metric, "final": {metric: final["score"], "step": t.steps, "n_test": len(task.test)},
         "start": evals[0] if evals and evals[0]["step"] == 0 else None,
         "train_means": {k: mean(k) for k in ("reward", "kl", "kept", "target_reward", "zero_std_groups",
-                                             "completion_tokens", "seconds")},
+                                             "completion_tokens", "seconds", "value_loss")},
         "history": {"eval": evals, "train": history}, "reward_model": rm_stats,
         "seconds_total": time.perf_counter() - t_start, "config": config_to_dict(cfg),
         "policy_config": trainer.config_dict(),

@@ -106,6 +106,9 @@ class PolicyGradientTrainer:
     def __init__(self, model, tokenizer, reward_fns, cfg: PolicyGradientConfig, train_prompts: list[dict],
                  target_prompts: list[dict] | None = None, ref_model=None, reward_weights=None):
         cfg.check()
+        if cfg.algorithm == "ppo" and not getattr(type(self), "is_ppo", False):
+            raise ValueError("algorithm='ppo' runs on drpost.rl.ppo.PPOTrainer (with a critic and GAE), not on "
+                             "PolicyGradientTrainer (GRPO and RLOO)")
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.reward_fns = [reward_fns] if callable(reward_fns) else list(reward_fns)
         if not self.reward_fns:

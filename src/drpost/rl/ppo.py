@@ -49,7 +49,6 @@ IIF included (METHOD §9.7); ``kept`` is the share of completions whose policy g
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -58,7 +57,7 @@ from torch import nn
 
 from drpost.engine import DataRegularizer
 from drpost.engine.options import OptionError, help_meta
-from drpost.training_options import policy_gradient_option
+from drpost.training_options import PPOOptions, policy_gradient_option
 
 from .grpo import _NEVER, PolicyGradientConfig, PolicyGradientTrainer
 from .loss import policy_logps, shifted_labels, token_logps
@@ -229,47 +228,23 @@ def value_model_from_causal_lm(lm: nn.Module) -> ValueModel:
 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
-class PPOConfig(PolicyGradientConfig):
+class PPOConfig(PPOOptions, PolicyGradientConfig):
     """Every knob of :class:`PPOTrainer`: :class:`drpost.rl.PolicyGradientConfig`'s (the engine's
     options, RL defaults ``feasible_set='filter'``, ``frac=1.0``; the loop's; the policy optimiser's)
     with PPO's defaults (one completion per prompt, 4 epochs, KL in the reward) and the critic's
-    knobs below. ``algorithm`` is always 'ppo'."""
+    (:class:`drpost.training_options.PPOOptions`). ``algorithm`` is always 'ppo'."""
     algorithm: str = field(default="ppo", metadata=help_meta("Always 'ppo' for this trainer."))
     group_size: int = policy_gradient_option("group_size", 1)
     epochs: int = policy_gradient_option("epochs", 4)
     beta: float = field(default=0.05, metadata=help_meta(
         "KL coefficient: per-token reward -beta * (log pi_old - log pi_ref) (k1 estimate); 0: no reference."))
-    gamma: float = field(default=1.0, metadata=help_meta("GAE discount factor gamma in [0, 1]."))
-    lam: float = field(default=0.95, metadata=help_meta("GAE lambda in [0, 1]."))
-    cliprange_value: float = field(default=0.2, metadata=help_meta(
-        "Clipping range of the value prediction around the rollout's values (> 0)."))
-    vf_coef: float = field(default=0.1, metadata=help_meta("Weight of the value loss (the critic's own loss)."))
-    value_lr: float = field(default=5e-4, metadata=help_meta("AdamW learning rate of the critic."))
-    whiten_advantages: bool = field(default=True, metadata=help_meta(
-        "Whiten the GAE advantages over all completion tokens of the rollout."))
-
-    @property
-    def policy_algorithm(self) -> str:
-        # PolicyGradientOptions' shared checks are written for grpo/rloo: PPO passes those of GRPO
-        # (no group-size rule, its baseline is the critic); 'ppo' itself is checked in check()
-        return "grpo"
 
     def check(self) -> None:
         if self.algorithm != "ppo":
             raise OptionError("algorithm", f"PPOConfig.algorithm must be 'ppo', got {self.algorithm!r}; "
                                            "GRPO and RLOO run on drpost.rl.PolicyGradientTrainer")
         super().check()
-        for name, low, high in (("gamma", 0.0, 1.0), ("lam", 0.0, 1.0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
-                raise OptionError(name, f"{name} must be a number in [{low}, {high}], got {v!r}")
-        if not 0 < self.clip_eps < 1:
-            raise OptionError("clip_eps", f"clip_eps must be in (0, 1) for PPO (the ratio is clipped to "
-                                          f"[1 - clip_eps, 1 + clip_eps]), got {self.clip_eps!r}")
-        for name in ("cliprange_value", "vf_coef", "value_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-                raise OptionError(name, f"{name} must be a finite number > 0, got {v!r}")
+        self.check_ppo_options()
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -293,6 +268,7 @@ class PPOTrainer(PolicyGradientTrainer):
     :class:`~drpost.rl.grpo.PolicyGradientTrainer`'s; the rollout rows live on the policy's device;
     the advantages, the losses and the update are PPO's.
     """
+    is_ppo = True
 
     def __init__(self, model, tokenizer, reward_fns, cfg: PPOConfig, train_prompts: list[dict],
                  target_prompts: list[dict] | None = None, ref_model=None, value_model=None, reward_weights=None):

@@ -657,13 +657,19 @@ class DrPostGRPOTrainer(GRPOTrainer):
             if r["kl"] is not None:
                 m["kl"].append(global_masked_mean(r["kl"]))
             m["entropy"].append(global_masked_mean(r["entropy"]))
-            if self.loss_type != "cispo" and self.loss_type != "sapo":
-                coef, adv = r["coef_1"], r["adv"]
+            coef, adv = r["coef_1"], r["adv"]
+            if self.loss_type in ("grpo", "dr_grpo", "dapo"):
+                from trl.trainer.utils import nanmax, nanmin
+
                 low = ((coef < 1 - self.epsilon_low) & (adv < 0)).to(mask.dtype)
                 high = ((coef > 1 + self.epsilon_high) & (adv > 0)).to(mask.dtype)
                 m["clip_ratio/low_mean"].append(global_masked_mean(low))
                 m["clip_ratio/high_mean"].append(global_masked_mean(high))
                 m["clip_ratio/region_mean"].append(global_masked_mean(torch.maximum(low, high)))
+                m["clip_ratio/low_min"].append(nanmin(acc.gather((low * mask).sum(-1) / mask.sum(-1))).item())
+                m["clip_ratio/high_max"].append(nanmax(acc.gather((high * mask).sum(-1) / mask.sum(-1))).item())
+            elif self.loss_type == "cispo":
+                m["cispo_clip_ratio"].append(global_masked_mean(((coef > self.epsilon_high) & (adv > 0)).to(mask.dtype)))
         rows = inputs["prompt_ids"].shape[0] * self.accelerator.num_processes
         if stats.selected:
             kept = sum(float(v) for v in stats.selected.values()) / len(stats.selected) / rows

@@ -238,7 +238,7 @@ class Recording:
 
 
 def _row_logps(model, batch, i):
-    c = batch["_completion_len"]
+    c = int(batch["_completion_len"][0])
     ids, am = batch["input_ids"][i:i + 1], batch["attention_mask"][i:i + 1]
     logits = model(input_ids=ids, attention_mask=am).logits[:, -c - 1:-1]
     logp = torch.log_softmax(logits, -1).gather(-1, ids[:, -c:, None])[..., 0]
@@ -250,7 +250,7 @@ def _row_logps(model, batch, i):
 def test_filter_drops_negatives_and_matches_oracle(tmp_path, tok, scope):
     """One step, SGD (lr 1, no clipping): the update is -grad. Oracle: per completion, the batch-size-1
     gradient G_i of -A_i sum_t log pi (TRL's dapo loss at ratio 1); the target gradient g_T of
-    -sum_v z_v sum_t log pi over the step's own rollout ('self', 'reward'); scores <G_i, g_T> per scored
+    -sum_v z_v sum_t log pi over the target rollout ('pool', 'reward'); scores <G_i, g_T> per scored
     layer (summed over layers for scope='global'); the chosen = score >= 0; scored layers get
     sum_chosen G_i / their tokens, the norms the plain token mean over every completion."""
     from drpost.integrations.trl_grpo import DrPostGRPOTrainer
@@ -262,11 +262,11 @@ def test_filter_drops_negatives_and_matches_oracle(tmp_path, tok, scope):
     model = tiny_model(len(tok), pad_id=tok.pad_token_id)
     oracle_model = copy.deepcopy(model)
     args = DrPostGRPOConfig(**config_kw(tmp_path, "sel", feasible_set="filter", frac=1.0, scope=scope,
-                                        target_source="self", max_steps=1, optim="sgd", learning_rate=1.0,
+                                        target_source="pool", target_batch=2, max_steps=1, optim="sgd", learning_rate=1.0,
                                         max_grad_norm=0.0, lr_scheduler_type="constant",
                                         per_device_train_batch_size=8))
     t = rec_cls(model=model, reward_funcs=[letters_reward, length_reward], args=args,
-                train_dataset=ds(prompts(16, 1)), processing_class=tok)
+                train_dataset=ds(prompts(16, 1)), processing_class=tok, target_dataset=prompts(6, 2))
     assert isinstance(t, DrPostGRPOTrainer)
     t.seen = {}
     before = params_of(model)
@@ -322,7 +322,7 @@ def test_filter_drops_negatives_and_matches_oracle(tmp_path, tok, scope):
 def test_iif_drops_negatives_and_trains_plainly(tmp_path, tok):
     """IIF: the rollout is scored once (global), the negatives dropped, the rest trains plainly: equal to
     the global filter on a rollout trained in one micro-batch (same scores, same chosen set)."""
-    kw = dict(target_source="self", max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+    kw = dict(target_source="pool", max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
               per_device_train_batch_size=8)
     iif = build(tmp_path, tok, "iif", drpost=True, feasible_set="filter", frac=1.0, iif=True, **kw)
     before = params_of(iif.model)

@@ -191,9 +191,9 @@ class GRPOTokenLoss:
     The batch (built by :meth:`DrPostGRPOTrainer.engine_batch`) has ``input_ids``/``attention_mask``
     (left-padded prompt + right-padded completion), ``labels`` (the completion tokens, -100 elsewhere),
     ``_completion_len`` C, ``advantages`` [N] and optionally ``old_logps``/``ref_logps`` [N, C] (TRL's
-    alignment), ``is_ratio`` (vLLM's importance-sampling ratio), ``keep`` [N] (IIF) and ``_unit``.
-    ``_unit='tokens'`` returns the per-token losses and the completion mask (the engine then normalises by
-    the chosen completions' tokens); ``'rows'`` returns one value per completion ([N, 1], mask all true):
+    alignment), ``is_ratio`` (vLLM's importance-sampling ratio), ``keep`` [N] (IIF) and ``_per_row`` [N].
+    ``_per_row`` false: it returns the per-token losses and the completion mask (the engine then normalises by
+    the chosen completions' tokens); true: one value per completion ([N, 1], mask all true):
     its token mean (``grpo``/``sapo``) or token sum / ``max_completion_length`` (``dr_grpo``), so the
     engine divides by the number of chosen completions."""
 
@@ -209,7 +209,7 @@ class GRPOTokenLoss:
         self.record = None       # a list: the general passes append their monitoring tensors here
 
     def token_logps(self, logits: torch.Tensor, batch: dict):
-        c = int(batch["_completion_len"])
+        c = int(batch["_completion_len"][0])
         length = batch["input_ids"].shape[1]
         ids = batch["input_ids"][:, length - c:]
         dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -255,8 +255,8 @@ class GRPOTokenLoss:
                 self.record.append({"mask": mask.detach(), "coef_1": coef_1.detach(), "adv": adv.detach(),
                                     "kl": None if kl is None else kl.detach(), "entropy": entropy})
         zero = torch.zeros_like(per_token)
-        unit = batch.get("_unit", "tokens")
-        if unit == "tokens":
+        per_row = batch.get("_per_row")
+        if per_row is None or not bool(per_row[0]):
             return torch.where(mask, per_token, zero), mask
         summed = torch.where(mask, per_token, zero).sum(-1, keepdim=True)
         if lt == "dr_grpo":
@@ -468,9 +468,13 @@ class DrPostGRPOTrainer(GRPOTrainer):
         input_ids = torch.cat([prompt_ids, completion_ids], 1)
         labels = torch.cat([torch.full_like(prompt_ids, -100), completion_ids.masked_fill(mask == 0, -100)], 1)
         batch = {"input_ids": input_ids, "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
-                 "labels": labels, "_completion_len": completion_ids.shape[1]}
+                 "labels": labels}
+        n = input_ids.shape[0]
+        # tensors with one value per row, so that every chunking of the rows keeps them; '_' keys never reach
+        # the model's forward
+        batch["_completion_len"] = torch.full((n,), completion_ids.shape[1], dtype=torch.long, device=input_ids.device)
+        batch["_per_row"] = torch.full((n,), role == "general" and self._unit == "rows", device=input_ids.device)
         if role == "target":
-            batch["_unit"] = "tokens"
             if self.args.target_loss == "reward":
                 batch["advantages"] = inputs["drpost_reward_weight"]
             else:
@@ -478,7 +482,6 @@ class DrPostGRPOTrainer(GRPOTrainer):
                 if inputs.get("ref_per_token_logps") is not None:
                     batch["ref_logps"] = inputs["ref_per_token_logps"]
             return batch
-        batch["_unit"] = self._unit
         batch["advantages"] = inputs["advantages"]
         for src, dst in (("old_per_token_logps", "old_logps"), ("ref_per_token_logps", "ref_logps"),
                          ("importance_sampling_ratio", "is_ratio"), ("drpost_keep", "keep")):
@@ -498,14 +501,14 @@ class DrPostGRPOTrainer(GRPOTrainer):
         rows = rows[rank * per:(rank + 1) * per]
         saved_metrics = {k: list(v) for k, v in self._metrics["train"].items()}
         saved_logs = copy.deepcopy(self._logs)
-        saved_tokens = self.state.num_input_tokens_seen
+        saved_tokens, fresh = self.state.num_input_tokens_seen, self._fresh_rollout
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(a.seed * 1_000_003 + 104_729 * step + 3)
                 out = self._generate_and_score_completions(rows)
         finally:
-            self._fresh_rollout = False
+            self._fresh_rollout = fresh               # a target rollout is no training rollout
             self._metrics["train"].clear()
             self._metrics["train"].update(saved_metrics)
             self._logs = saved_logs
@@ -557,7 +560,7 @@ class DrPostGRPOTrainer(GRPOTrainer):
         from ..batch import check_batch
         from ..engine.hooks import model_device
 
-        # the target rows carry _unit='tokens' (a token mean) and no old log-probs (ratio 1): every supported
+        # the target rows are per token (a token mean) and no old log-probs (ratio 1): every supported
         # loss_type's gradient there is -A grad log pi (+ the KL term with 'train-loss')
         with self.compute_loss_context_manager():
             if engine.distributed:

@@ -354,12 +354,26 @@ def test_resume_equals_uninterrupted(tmp_path, tok):
     resumed = build(tmp_path, tok, "resumed", drpost=True, **kw)
     resumed.train(resume_from_checkpoint=str(ckpt))
     assert_params_close(params_of(resumed.model), params_of(full.model), rtol=1e-12, atol=1e-14)
-    f, r = train_logs(full), train_logs(resumed)
+    f, r = train_logs(full), train_logs(resumed)[2:]             # the checkpoint carries the first 2 logs
+    assert [x["step"] for x in r] == [3, 4]
     assert [x["reward"] for x in f[2:]] == [x["reward"] for x in r]
     assert [x["drpost/kept"] for x in f[2:]] == [x["drpost/kept"] for x in r]
     assert "drpost/target_reward" not in r[0] and "drpost/target_reward" in r[1]   # step 3 reuses, step 4 refreshes
-    # a fresh run from checkpoint-2 without the target cache would differ: the cache matters
-    assert full.regularizer.state_dict()["steps_since_capture"] is not None
+    assert r[1]["drpost/target_reward"] == f[3]["drpost/target_reward"]
+
+
+def test_resume_needs_the_target_cache(tmp_path, tok):
+    """The checkpointed target gradient matters: resumed without it (drpost_state.pt removed) the run
+    refuses, rather than silently continuing with another target."""
+    kw = dict(feasible_set="layerwise", frac=0.5, target_source="pool", refresh_every=3, max_steps=3,
+              save_strategy="steps", save_steps=2)
+    full = build(tmp_path, tok, "full", drpost=True, **kw)
+    full.train()
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    (ckpt / "drpost_state.pt").unlink()
+    resumed = build(tmp_path, tok, "resumed", drpost=True, **kw)
+    with pytest.raises(ValueError, match="has no drpost_state.pt"):
+        resumed.train(resume_from_checkpoint=str(ckpt))
 
 
 # ---------------------------------------------------------------------------------------------

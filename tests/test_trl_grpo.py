@@ -448,8 +448,11 @@ def run_grpo_worker(out_dir: str, per_device: int, **kw) -> dict:
 
 DIST_PARTS = {
     "filter-pool": dict(feasible_set="filter", frac=1.0, target_source="pool", target_batch=2),
-    "layerwise-self-grpo": dict(feasible_set="layerwise", frac=0.5, target_source="self", loss_type="grpo",
-                                gradient_accumulation_steps=2),
+    # one micro-batch per step: with gradient accumulation TRL shuffles each rank's rollout before cutting it
+    # into micro-batches, so a micro-batch of two ranks holds other completions than one process's, and a
+    # per-micro-batch selection differs (by design, not by error)
+    "layerwise-self-grpo": dict(feasible_set="layerwise", frac=0.5, target_source="self", loss_type="grpo"),
+    "standard-drgrpo-ga2": dict(feasible_set="standard", loss_type="dr_grpo", gradient_accumulation_steps=2),
 }
 
 
@@ -487,7 +490,8 @@ def test_two_ranks_equal_one_process(tmp_path, tok, two_ranks, part):
         assert torch.equal(got[0]["params"][name], got[1]["params"][name]), name
     assert [r["reward"] for r in got[0]["logs"]] == pytest.approx([r["reward"] for r in ref["logs"]], rel=1e-6)
     assert [r["drpost/kept"] for r in got[0]["logs"]] == pytest.approx([r["drpost/kept"] for r in ref["logs"]])
-    assert any(r["drpost/kept"] < 1 for r in ref["logs"]) or part == "layerwise-self-grpo"
+    if part != "standard-drgrpo-ga2":
+        assert any(r["drpost/kept"] < 1 for r in ref["logs"])
 
 
 if __name__ == "__main__":

@@ -143,23 +143,29 @@ _INITIAL = [None]
 
 
 def build(tmp_path, tok, name, drpost: bool, fixed: bool = False, reward_funcs=None, target="default",
-          train=None, **kw):
+          train=None, lora=False, **kw):
     stock_cls, dr_cls = _classes(fixed)
     model = tiny_model(len(tok), pad_id=tok.pad_token_id)
     _INITIAL[0] = copy.deepcopy(model)
     rf = reward_funcs or [letters_reward, length_reward]
     train = ds(train if train is not None else prompts(16, 1))
+    extra = {}
+    if lora:
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj",
+                                                                                             "down_proj"])
     if drpost:
         from drpost.integrations.trl_grpo import DrPostGRPOConfig
 
         kw.setdefault("target_batch", 2)
         args = DrPostGRPOConfig(**config_kw(tmp_path, name, **kw))
         return dr_cls(model=model, reward_funcs=rf, args=args, train_dataset=train, processing_class=tok,
-                      target_dataset=prompts(6, 2) if target == "default" else target)
+                      target_dataset=prompts(6, 2) if target == "default" else target, **extra)
     from trl import GRPOConfig
 
     return stock_cls(model=model, reward_funcs=rf, args=GRPOConfig(**config_kw(tmp_path, name, **kw)),
-                     train_dataset=train, processing_class=tok)
+                     train_dataset=train, processing_class=tok, **extra)
 
 
 def params_of(model):
@@ -195,13 +201,19 @@ KEEP_ALL = [
                                       target_loss="train-loss", epsilon=0.1)),
     ("filter-self-cispo", dict(feasible_set="filter", frac=1e-9, target_source="self", loss_type="cispo",
                                num_iterations=2, epsilon_high=0.05)),
+    ("rowwise-pool-sapo-iter2-kl", dict(feasible_set="rowwise", frac=1.0, loss_type="sapo", num_iterations=2,
+                                        beta=0.05, target_loss="train-loss")),
+    ("filter-global-dapo-delta-kl", dict(feasible_set="filter", frac=1e-9, scope="global", num_iterations=2,
+                                         epsilon=0.05, delta=1.02, beta=0.2, use_bias_correction_kl=True)),
+    ("layerwise-lora-dapo-kl", dict(feasible_set="layerwise", frac=1.0, lora=True, beta=0.1,
+                                    gradient_accumulation_steps=2)),
 ]
 
 
 @pytest.mark.parametrize("name,kw", KEEP_ALL, ids=[k[0] for k in KEEP_ALL])
 def test_keep_all_equals_stock_grpo(tmp_path, tok, name, kw):
-    drpost_only = {k: kw[k] for k in ("feasible_set", "frac", "target_source", "refresh_every", "target_loss")
-                   if k in kw}
+    drpost_only = {k: kw[k] for k in ("feasible_set", "frac", "target_source", "refresh_every", "target_loss",
+                                      "scope") if k in kw}
     common = {k: v for k, v in kw.items() if k not in drpost_only}
     stock = build(tmp_path, tok, "stock", drpost=False, **common)
     before = params_of(stock.model)

@@ -238,8 +238,9 @@ class GRPOTokenLoss:
             per_token = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
         else:
             coef_2 = torch.clamp(coef_1, 1 - self.eps_low, 1 + self.eps_high)
-            c1 = torch.clamp(coef_1, max=self.delta) if self.delta is not None else coef_1
-            per_token = -torch.min(c1 * adv, coef_2 * adv)
+            if self.delta is not None:                 # two-sided clipping (TRL logs its clip ratios after it)
+                coef_1 = torch.clamp(coef_1, max=self.delta)
+            per_token = -torch.min(coef_1 * adv, coef_2 * adv)
         ratio = batch.get("is_ratio")
         if ratio is not None:
             per_token = per_token * ratio.to(per_token.dtype)

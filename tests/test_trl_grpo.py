@@ -237,6 +237,22 @@ def test_keep_all_equals_stock_grpo(tmp_path, tok, name, kw):
         assert dr.regularizer.feasible_set == kw["feasible_set"] and "drpost/target_reward" in d_logs[0]
 
 
+@pytest.mark.parametrize("fset", ["standard", "filter"])
+def test_truncated_completions_masked_equals_stock(tmp_path, tok, fset):
+    """mask_truncated_completions=True with short completions empties whole micro-batches: TRL adds a
+    zero loss for them, drpost skips them and finalises the step at the last non-empty one."""
+    kw = dict(mask_truncated_completions=True, max_completion_length=1, gradient_accumulation_steps=2,
+              max_steps=4)
+    stock = build(tmp_path, tok, "stock", drpost=False, **kw)
+    stock.train()
+    dr = build(tmp_path, tok, "dr", drpost=True, feasible_set=fset, frac=1e-9, target_source="self", **kw)
+    dr.train()
+    assert dr.skipped_micro_batches > 0
+    assert_params_close(params_of(dr.model), params_of(stock.model))
+    for s, d in zip(train_logs(stock), train_logs(dr)):
+        assert d["loss"] == pytest.approx(s["loss"], rel=1e-6, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. a selecting feasible set: drops the negatively scored completions, update == hand-made oracle
 class Recording:
@@ -436,6 +452,12 @@ def test_bad_inputs(tmp_path, tok):
 
     t = build(tmp_path, tok, "x", drpost=True, feasible_set="standard", reward_funcs=[nan_reward])
     with pytest.raises(RewardError, match=r"reward function 'nan_reward' returned nan for row 2 \(prompt 'Say"):
+        t.train()
+
+    t = build(tmp_path, tok, "x", drpost=True, feasible_set="filter", mask_truncated_completions=True,
+              max_completion_length=1, target_batch=1, max_steps=10)
+    with pytest.raises(ValueError, match="target rollouts of step .* have no completion token .*every completion "
+                                         "was truncated"):
         t.train()
 
     def none_reward(prompts, completions, **kw):     # None: TRL's "does not apply", accepted

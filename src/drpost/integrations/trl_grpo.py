@@ -388,7 +388,8 @@ class DrPostGRPOTrainer(GRPOTrainer):
         self._last_rewards_per_func = None
         self._fresh_rollout = False
         self._first_micro = True
-        self._finalize_at = None
+        self._live = None
+        self.skipped_micro_batches = 0     # micro-batches without a completion token to train on (one process)
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -552,6 +553,12 @@ class DrPostGRPOTrainer(GRPOTrainer):
         engine = self._scorer or self._engine
         source = self._target_rollout() if a.target_source == "pool" else self._concat_buffer()
         target = self.engine_batch(self._gathered(source), "target")
+        if not bool((target["labels"] != -100).any()):
+            raise ValueError(f"the target rollouts of step {self.state.global_step + 1} have no completion token to form "
+                             f"the target gradient from (target_source={a.target_source!r}"
+                             + (": every completion was truncated and mask_truncated_completions=True masks them"
+                                if self.mask_truncated_completions else "") +
+                             "): raise max_completion_length or target_batch, or set mask_truncated_completions=False")
         if a.target_source == "self":
             self._target_reward = float(self._concat_buffer()["drpost_reward"].mean())
         self._capture(engine, target)
@@ -605,22 +612,21 @@ class DrPostGRPOTrainer(GRPOTrainer):
                 self._iif_filter()
             self._fresh_rollout = False
             self._micro_index = 0
-            self._finalize_at = ga - 1
-            if a.iif:                                   # the last micro-batch of this step that keeps a completion
-                spg = a.steps_per_generation
-                slices = [self._buffered_inputs[(self._step + j) % spg] for j in range(ga)]
-                kept = [j for j, s in enumerate(slices) if bool(s["drpost_keep"].any())]
-                self._finalize_at = kept[-1] if kept else None
-        finalize = bool(self.accelerator.sync_gradients)
+            self._plan_step(ga)
         j = self._micro_index
         batch = self.engine_batch(inputs)
         loss = torch.zeros((), device=a.device)
-        record = self.drpost_loss.record = []
-        ran = not a.iif or (self._finalize_at is not None and bool(inputs["drpost_keep"].any()))
+        if self._live is None:
+            ran, finalize = True, bool(self.accelerator.sync_gradients)
+        else:
+            ran, finalize = j in self._live, j == max(self._live, default=-1)
+        if not ran:
+            self.skipped_micro_batches += 1
         if ran:
+            record = self.drpost_loss.record = []
             try:
                 with self.compute_loss_context_manager():
-                    stats = engine.backward(batch, finalize=finalize if not a.iif else j == self._finalize_at)
+                    stats = engine.backward(batch, finalize=finalize)
             except NonFiniteError as e:
                 raise NonFiniteError(f"training step {self.state.global_step + 1}: {e}") from e
             finally:
@@ -628,13 +634,39 @@ class DrPostGRPOTrainer(GRPOTrainer):
             loss = self._logged_loss(stats, inputs)
             self._log_step_metrics(record, stats, inputs)
         self._micro_index = j + 1
-        self._first_micro = finalize
+        self._first_micro = bool(self.accelerator.sync_gradients)
         self._step += 1
         self._current_train_step_time += time.perf_counter() - t0
         if self._step % ga == 0:
             self._metrics["train"]["step_time"].append(self._current_train_step_time)
             self._current_train_step_time = 0.0
         return loss.detach().to(device=a.device, dtype=torch.float32)
+
+    def _plan_step(self, ga: int) -> None:
+        """One process, with a token normalisation or IIF: the micro-batches of this step that hold a
+        completion token to train on (``mask_truncated_completions`` can empty one, IIF can drop all of its
+        completions). An empty one is skipped (the engine refuses a batch without a supervised token, TRL
+        adds a zero) and the step is finalised at the last non-empty one; a step without any trains
+        nothing. The step's micro-batches are TRL's buffered slices (steps_per_generation is a multiple of
+        gradient_accumulation_steps in these cases). Several processes: every rank runs every micro-batch
+        (the engine counts the tokens over all ranks)."""
+        a = self.args
+        self._live = None
+        if self.accelerator.num_processes > 1 or not (self._unit == "tokens" or a.iif):
+            return
+        spg = a.steps_per_generation
+        slices = [self._buffered_inputs[(self._step + j) % spg] for j in range(ga)]
+        self._live = {j for j, part in enumerate(slices) if self._has_completions(part)}
+
+    def _has_completions(self, part) -> bool:
+        keep = part.get("drpost_keep")
+        if self._unit == "rows":                       # every kept completion counts, even an empty one
+            return keep is None or bool(keep.any())
+        mask = part["completion_mask"] if "tool_mask" not in part else part["completion_mask"] * part["tool_mask"]
+        live = mask.sum(1) > 0
+        if keep is not None:
+            live = live & keep.to(torch.bool)
+        return bool(live.any())
 
     def _logged_loss(self, stats, inputs) -> torch.Tensor:
         """TRL's returned loss for this micro-batch (the Trainer sums them into the logged ``loss``)."""

@@ -274,25 +274,40 @@ def _row_logps(model, batch, i):
     return (logp * mask).sum(), mask.sum()
 
 
-@pytest.mark.parametrize("scope", ["global", "layer"])
-def test_filter_drops_negatives_and_matches_oracle(tmp_path, tok, scope):
+def _target_weights(tok, tgt, target_loss, group):
+    """The target rows' weights recomputed from their completions: the reward functions on the decoded
+    completions, then the batch z-score ('reward') or TRL's group advantages ('train-loss')."""
+    c = int(tgt["_completion_len"][0])
+    ids = tgt["input_ids"][:, -c:]
+    mask = tgt["attention_mask"][:, -c:].bool()
+    texts = [tok.decode(row[m].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)]
+    r = torch.tensor(letters_reward(None, texts), dtype=torch.float32) + torch.tensor(length_reward(None, texts),
+                                                                                      dtype=torch.float32)
+    if target_loss == "reward":
+        r = r.double()
+        return (r - r.mean()) / r.std(unbiased=False)
+    g = r.view(-1, group)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)).flatten()
+
+
+@pytest.mark.parametrize("scope,target_loss", [("global", "reward"), ("layer", "reward"), ("layer", "train-loss")])
+def test_filter_drops_negatives_and_matches_oracle(tmp_path, tok, scope, target_loss):
     """One step, SGD (lr 1, no clipping): the update is -grad. Oracle: per completion, the batch-size-1
     gradient G_i of -A_i sum_t log pi (TRL's dapo loss at ratio 1); the target gradient g_T of
-    -sum_v z_v sum_t log pi over the target rollout ('pool', 'reward'); scores <G_i, g_T> per scored
-    layer (summed over layers for scope='global'); the chosen = score >= 0; scored layers get
+    -sum_v w_v sum_t log pi over the target rollout ('pool'), w recomputed from the decoded target
+    completions (z-scored rewards for 'reward', group advantages for 'train-loss'); scores <G_i, g_T> per
+    scored layer (summed over layers for scope='global'); the chosen = score >= 0; scored layers get
     sum_chosen G_i / their tokens, the norms the plain token mean over every completion."""
-    from drpost.integrations.trl_grpo import DrPostGRPOTrainer
+    from drpost.integrations.trl_grpo import DrPostGRPOConfig, DrPostGRPOTrainer
 
-    stock_cls, dr_cls = _classes(False)
+    _, dr_cls = _classes(False)
     rec_cls = type("Rec", (Recording, dr_cls), {"seen": None})
-    from drpost.integrations.trl_grpo import DrPostGRPOConfig
-
     model = tiny_model(len(tok), pad_id=tok.pad_token_id)
     oracle_model = copy.deepcopy(model)
     args = DrPostGRPOConfig(**config_kw(tmp_path, "sel", feasible_set="filter", frac=1.0, scope=scope,
-                                        target_source="pool", target_batch=2, max_steps=1, optim="sgd", learning_rate=1.0,
-                                        max_grad_norm=0.0, lr_scheduler_type="constant",
-                                        per_device_train_batch_size=8))
+                                        target_source="pool", target_batch=2, target_loss=target_loss, max_steps=1,
+                                        optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+                                        lr_scheduler_type="constant", per_device_train_batch_size=8))
     t = rec_cls(model=model, reward_funcs=[letters_reward, length_reward], args=args,
                 train_dataset=ds(prompts(16, 1)), processing_class=tok, target_dataset=prompts(6, 2))
     assert isinstance(t, DrPostGRPOTrainer)
@@ -302,9 +317,10 @@ def test_filter_drops_negatives_and_matches_oracle(tmp_path, tok, scope):
     after = params_of(model)
     update = {n: before[n] - after[n] for n in before}                  # = .grad (SGD, lr 1)
     gen, tgt = t.seen["general"][0], t.seen["target"][0]
+    torch.testing.assert_close(tgt["advantages"].double(), _target_weights(tok, tgt, target_loss, 4).double(),
+                               rtol=1e-5, atol=1e-6)
     n = gen["input_ids"].shape[0]
     groups = t.regularizer.layer_groups
-    scored = {id(p) for g in groups for p in g.params}
     names = {id(p): nm for nm, p in oracle_model.named_parameters()}
     params = list(oracle_model.parameters())
 
@@ -366,6 +382,13 @@ def test_iif_drops_negatives_and_trains_plainly(tmp_path, tok):
     for n in scored:                                                    # norms differ: IIF trains them on the kept rows
         torch.testing.assert_close(a[n], b[n], rtol=1e-9, atol=1e-11, msg=lambda m: f"{n}: {m}")
     assert any(not torch.equal(before[n], a[n]) for n in a)
+    # the same rollout in two micro-batches of 4: the same kept set, the same plain token mean over it
+    kw["per_device_train_batch_size"] = 4
+    iif2 = build(tmp_path, tok, "iif2", drpost=True, feasible_set="filter", frac=1.0, iif=True,
+                 gradient_accumulation_steps=2, **kw)
+    iif2.train()
+    assert train_logs(iif2)[0]["drpost/iif_kept"] == kept
+    assert_params_close(params_of(iif2.model), a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +487,23 @@ def test_bad_inputs(tmp_path, tok):
         return [None if i == 1 else 0.5 * i for i in range(len(completions))]
 
     build(tmp_path, tok, "x", drpost=True, feasible_set="standard", reward_funcs=[none_reward], max_steps=1).train()
+
+
+def test_config_flags(tmp_path):
+    """TrlParser offers the drpost fields as flags, with their choices and checks."""
+    from trl import TrlParser
+
+    from drpost.integrations.trl_grpo import DrPostGRPOConfig
+
+    (args,) = TrlParser(DrPostGRPOConfig).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--feasible_set", "layerwise", "--frac", "0.25", "--target_source", "self",
+         "--refresh_every", "3", "--target_loss", "train-loss", "--iif", "false", "--use_cpu", "true"])
+    assert (args.feasible_set, args.frac, args.target_source, args.refresh_every, args.target_loss, args.iif) == \
+        ("layerwise", 0.25, "self", 3, "train-loss", False)
+    assert (DrPostGRPOConfig(output_dir=str(tmp_path), use_cpu=True).feasible_set,
+            DrPostGRPOConfig(output_dir=str(tmp_path), use_cpu=True).frac) == ("filter", 1.0)
+    with pytest.raises(SystemExit):
+        TrlParser(DrPostGRPOConfig).parse_args_and_config(["--output_dir", str(tmp_path), "--target_loss", "kl"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,12 +41,18 @@ What changes (:meth:`DrPostGRPOTrainer.training_step`):
   the target gradient (global scope, filter: :func:`drpost.rl.iif.iif_keep`), ``frac`` of the negatively
   scored ones are dropped for every micro-batch and iteration trained on that rollout, and the rest
   trains plainly (normalised over the kept completions). One process only.
+* **Empty micro-batches.** One process, with a token normalisation or IIF: a micro-batch without a
+  completion token to train on (``mask_truncated_completions`` can empty one; IIF can drop all of its
+  completions) is skipped (TRL adds a zero loss for it) and the step is finalised at its last non-empty
+  micro-batch (``trainer.skipped_micro_batches`` counts them). A target rollout without any completion
+  token is an error.
 * **Checks.** Reward functions are wrapped: one that raises, or returns NaN/inf for a completion, stops
   the run with :class:`drpost.rl.rewards.RewardError` naming the function and the row (``None`` stays
   TRL's "not applicable"). Unsupported ``loss_type`` / option combinations, a missing or too small
   target dataset are refused at construction.
-* **Logs.** TRL's ``loss`` (the same value per micro-batch), ``kl``, ``entropy`` and ``clip_ratio/*``
-  are computed from the engine's forward; ``drpost/kept`` is the share of completions whose gradient
+* **Logs.** TRL's ``loss`` (the same value per micro-batch), ``kl``, ``entropy``, ``clip_ratio/*`` and
+  ``cispo_clip_ratio`` are computed from the engine's forward (in the forward's own precision, where TRL's
+  fused LM-head kernel computes in float32); ``drpost/kept`` is the share of completions whose gradient
   was used (mean over layers), ``drpost/target_reward`` the mean reward of the target rollouts.
 * **Several processes** (accelerate / torchrun): the model is not wrapped in DDP (drpost reduces the
   chosen gradients itself, one global selection); each rank rolls out its slice of the target prompts

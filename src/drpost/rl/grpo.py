@@ -54,6 +54,13 @@ from .rollout import Rollout, sample
 _NEVER = 10 ** 9
 
 
+def kept_rows(stats, n: int) -> float:
+    """Rows of a micro-batch of ``n`` whose gradient was used (mean over layers; all when nothing selects)."""
+    if stats.selected:
+        return sum(float(v) for v in stats.selected.values()) / len(stats.selected)
+    return float(n)
+
+
 @dataclass
 class PolicyGradientConfig(PolicyGradientOptions, DrPostOptions):
     """Every knob of :class:`PolicyGradientTrainer`: the engine's options (:class:`drpost.DrPostOptions`;
@@ -252,10 +259,7 @@ class PolicyGradientTrainer:
                     mb = {k: v[idx] for k, v in rows.items()}
                     with self._autocast():
                         stats = self.engine.backward(mb, finalize=j == len(chunks) - 1)
-                    if stats.selected:
-                        kept += sum(float(v) for v in stats.selected.values()) / len(stats.selected)
-                    else:
-                        kept += idx.numel()
+                    kept += kept_rows(stats, idx.numel())
                     seen += idx.numel()
                     if stats.general_loss is not None:
                         losses.append(float(stats.general_loss))

@@ -59,7 +59,7 @@ from drpost.engine import DataRegularizer
 from drpost.engine.options import OptionError, help_meta
 from drpost.training_options import PPOOptions, policy_gradient_option
 
-from .grpo import _NEVER, PolicyGradientConfig, PolicyGradientTrainer
+from .grpo import _NEVER, PolicyGradientConfig, PolicyGradientTrainer, kept_rows
 from .loss import policy_logps, shifted_labels, token_logps
 from .rewards import call_rewards, zscore_rewards
 from .rollout import sample
@@ -393,10 +393,7 @@ class PPOTrainer(PolicyGradientTrainer):
                     mb = {k: rows[k][idx] for k in POLICY_KEYS}
                     with self._autocast():
                         stats = self.engine.backward(mb, finalize=j == len(chunks) - 1)
-                    if stats.selected:
-                        kept += sum(float(v) for v in stats.selected.values()) / len(stats.selected)
-                    else:
-                        kept += idx.numel()
+                    kept += kept_rows(stats, idx.numel())
                     seen += idx.numel()
                     if stats.general_loss is not None:
                         pg.append(float(stats.general_loss))

@@ -108,3 +108,42 @@ def test_bad_option_value():
 
     with pytest.raises(OptionError, match="unknown auto_calibration 'fast'; choose one of measure, model"):
         DataRegularizer(mt.llama(), auto_calibration="fast")
+
+
+def test_separate_auto_caches_the_target_as_factors_where_they_are_smaller():
+    """auto + separate: a Linear whose target factors (V S (I + O) values) are no larger than its dense
+    gradient (O I) caches the factors and scores with pairwise_ghost; the others stay dense. The update
+    equals reduced_ghost's (float64), across a refresh, a chunked capture and a checkpoint round trip."""
+    torch.manual_seed(0)
+    general = [mt.make_batch(6, 10, seed=s) for s in range(3)]
+    target = mt.make_batch(1, 10, seed=9, min_len=10)   # V S = 10: MLP (16x32) and lm_head (16xVOCAB) fit
+    runs = {}
+    for scoring in ("auto", "reduced_ghost"):
+        model = mt.llama(tied=False)
+        reg = DataRegularizer(model, feasible_set="layerwise", frac=0.5, target_strategy="separate",
+                              refresh_every=2, scoring=scoring)
+        grads = []
+        for i, g in enumerate(general):
+            if i == 1:   # a checkpoint round trip of the cached target
+                state = reg.state_dict()
+                reg.load_state_dict(state)
+            model.zero_grad(set_to_none=True)
+            reg.backward(g, target)
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        runs[scoring] = (reg, grads)
+    reg, grads = runs["auto"]
+    kinds = {g.name: g.cache["kind"] for g in reg._pipeline.groups if g.cache is not None}
+    assert kinds["lm_head"] == "pairwise_ghost" and kinds["model.layers.0.mlp.up_proj"] == "pairwise_ghost"
+    assert kinds["model.layers.0.self_attn.q_proj"] == "dense"     # 16x16: 10 * 32 > 256
+    assert reg.layer_backends["lm_head"] == "pairwise_ghost"
+    for got, ref in zip(grads, runs["reduced_ghost"][1]):
+        for n, g in ref.items():
+            torch.testing.assert_close(got[n], g, rtol=1e-9, atol=1e-12)
+    # a capture in chunks extends the form its first chunk chose (never replaces it)
+    two = mt.make_batch(2, 5, seed=3, min_len=5)
+    reg.capture_target(two, chunk_size=1)
+    ref = DataRegularizer(mt.llama(tied=False), feasible_set="layerwise", frac=0.5, target_strategy="separate",
+                          scoring="auto")
+    ref.capture_target(two)
+    for a, b in zip(reg._pipeline.groups, ref._pipeline.groups):
+        assert a.cache["kind"] == b.cache["kind"], a.name

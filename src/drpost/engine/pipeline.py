@@ -15,6 +15,7 @@ import torch
 
 from .. import feasible as fs
 from ..group import LayerGroup, add_into
+from ..scoring import cache_reader
 from ..scoring.auto import Measure
 from . import selection
 from .state import StepState, TargetState
@@ -112,7 +113,10 @@ class Pipeline:
 
     def _capture_group(self, group: LayerGroup) -> None:
         parts = group.take_pending()
-        backend = group.backend(self.scoring_cfg, parts[0][0], *self._shape(parts[0][2].a.shape[1]))
+        if group.cache is not None:   # a later chunk of this capture: extend the form the first one chose
+            backend = cache_reader(group.cache["kind"]).name
+        else:
+            backend = group.backend(self.scoring_cfg, parts[0][0], *self._shape(parts[0][2].a.shape[1]))
         with self.phase("target_capture"):
             group.capture(self.scoring_cfg, parts, backend, self.options.feasible_set == "rowwise")
 

@@ -81,7 +81,8 @@ class DataRegularizer:
         kind, k1, k2 = opts.sketch_spec
         scoring_cfg = ScoringConfig(opts.scoring, kind, k1, k2, opts.seed, opts.direct_max_mb * 2 ** 20,
                                     opts.score_norm, target_factors=opts.target_strategy == "merged"
-                                    or opts.scoring == "pairwise_ghost")
+                                    or opts.scoring == "pairwise_ghost",
+                                    factor_cache=opts.target_strategy == "separate" and opts.scoring == "auto")
         self._warned: set = set()
         self._generator = torch.Generator().manual_seed(opts.seed)
         self.steps_finalized = 0         # optimisation steps finished by this regularizer (error messages)

@@ -23,8 +23,17 @@ class Measure:
     cache_kind: str | None = None
 
 
+def factors_fit(rule, v: int, s: int) -> bool:
+    """Do V target rows of S tokens take no more memory as a Linear's factors (x and delta:
+    V S (I + O)) than as its dense gradient (O I)? Then the separate strategy may cache them and
+    score with pairwise_ghost, which then costs no more FLOPs than the dense scores either."""
+    o, i = getattr(rule, "out_features", None), getattr(rule, "in_features", None)
+    return o is not None and i is not None and v * s * (o + i) <= o * i
+
+
 def choose_backend(requested: str, rule, b: int, v: int, s: int, k: int, *, multi_use: bool,
-                   target_factors_available: bool, max_bytes: float, measure: Measure | None = None) -> tuple[str, str]:
+                   target_factors_available: bool, max_bytes: float, measure: Measure | None = None,
+                   factor_cache: bool = False) -> tuple[str, str]:
     """(The back-end one layer actually uses for a (B, V, S) step, why).
 
     A back-end the rule does not list in ``supports`` (embeddings: only the gather-dot of
@@ -45,13 +54,19 @@ def choose_backend(requested: str, rule, b: int, v: int, s: int, k: int, *, mult
         if requested in rule.supports:
             return requested, "requested"
         return "reduced_ghost", f"{requested} is not implemented by {type(rule).__name__}"
+    cached = measure.cache_kind if measure is not None else None
+    if factor_cache and b == 0 and "pairwise_ghost" in exact:   # separate strategy: the form the target is cached in
+        o, i = rule.out_features, rule.in_features
+        if factors_fit(rule, v, s):
+            return "pairwise_ghost", (f"target cached as factors: V*S*(I+O) = {v * s * (o + i)} <= O*I = {o * i} "
+                                      "values")
+        target_factors_available = False
     fits, why_not = [], []
     for name in exact:
-        if name == "pairwise_ghost" and not target_factors_available:
+        if name == "pairwise_ghost" and not (target_factors_available or cached == "pairwise_ghost"):
             why_not.append("pairwise_ghost: target kept dense (separate strategy)")
             continue
-        if measure is not None and measure.cache_kind is not None and name != "reduced_ghost" \
-                and _cache_kind(name) != measure.cache_kind:
+        if measure is not None and measure.cache_kind is not None and _cache_kind(name) != measure.cache_kind:
             why_not.append(f"{name}: the cached target is {measure.cache_kind}")
             continue
         flops, extra = rule.cost(name, b, v, s, k)
@@ -102,4 +117,4 @@ def choose_for_group(cfg, rules: list, calls: int, rule, b: int, v: int, s: int,
         return "sketch", "requested"
     return choose_backend(cfg.scoring, rule, b, v, s, k, multi_use=multi_use,
                           target_factors_available=cfg.target_factors, max_bytes=cfg.direct_max_bytes,
-                          measure=measure)
+                          measure=measure, factor_cache=cfg.factor_cache)

@@ -380,7 +380,7 @@ def grpo_config(cfg: Config, run_dir, world: int = 1, progress: bool = False):
         iif=rl.iif, target_loss=rl.target_loss, target_source=rl.target_source, target_batch=rl.target_batch,
         per_device_train_batch_size=lay["micro_batch"], gradient_accumulation_steps=lay["grad_accum"],
         num_generations=rl.group_size, max_completion_length=rl.max_new_tokens, temperature=rl.temperature,
-        top_k=0, top_p=1.0, beta=rl.beta, epsilon=rl.clip_eps, loss_type="dapo", num_iterations=rl.epochs,
+        top_k=0, top_p=1.0, beta=rl.beta, epsilon=rl.clip_eps, epsilon_high=rl.clip_eps, loss_type="dapo", num_iterations=rl.epochs,
         learning_rate=t.lr, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_steps, optim="adamw_torch",
         max_steps=t.steps * rl.epochs, seed=t.seed, data_seed=t.seed, bf16=t.bf16,

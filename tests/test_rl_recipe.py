@@ -92,6 +92,7 @@ def test_drpost_train_rl_end_to_end(tmp_path, extra, metric):
     assert evals[0] == 0 and evals[-1] == steps
     if m["algorithm"] == "grpo":
         assert m["trainer"] == "trl" and (run / "eval_log.jsonl").is_file()
+        assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 1
         assert all(math.isfinite(h["seconds"]) and h["seconds"] > 0 for h in m["history"]["train"])
     if "ppo" in extra:
         assert m["algorithm"] == "ppo" and m["policy_config"]["lam"] == 0.95
@@ -300,11 +301,16 @@ def test_grpo_under_two_ranks_equals_one_process(tmp_path, monkeypatch):
     _patch_grpo(monkeypatch, fixed=True)
     one = _dist_run(tmp_path / "one")
     assert one["metrics"]["world_size"] == 1 and one["metrics"]["layout"]["micro_batch"] == 4
+    # float32 (the real 1-layer SmolLM2): the two ranks' summed gradients differ from one batch's by rounding,
+    # which Adam's normalisation lifts to ~1e-6 on near-zero gradients; a real difference (another selection,
+    # another rollout) moves elements by ~lr = 1e-3 per step
     for k, v in one["adapter"].items():
-        torch.testing.assert_close(got[0]["adapter"][k], v, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    rows = [[(h["step"], h["reward"], h["kept"]) for h in m["history"]["train"]] for m in (one["metrics"], two)]
-    assert [r[:1] for r in rows[1]] == [(1,), (2,)]
-    assert rows[1] == pytest.approx(rows[0], rel=1e-6)
+        torch.testing.assert_close(got[0]["adapter"][k], v, rtol=1e-3, atol=2e-5, msg=lambda m: f"{k}: {m}")
+    assert any(float(v.abs().max()) > 1e-4 for k, v in one["adapter"].items() if "lora_B" in k)
+    assert [h["step"] for h in two["history"]["train"]] == [1, 2]
+    for key in ("reward", "kept"):
+        assert [h[key] for h in two["history"]["train"]] == pytest.approx([h[key] for h in one["metrics"]["history"]["train"]],
+                                                                          rel=1e-6), key
     assert any(h["kept"] < 1 for h in two["history"]["train"])      # the filter dropped completions
     assert two["final"] == one["metrics"]["final"]
 

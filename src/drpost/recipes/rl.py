@@ -516,7 +516,12 @@ def _run_grpo(cfg: Config, overwrite: bool = False, progress: bool = True, resum
                     and state.global_step < state.max_steps:
                 do_eval(trainer.model, state.global_step)
 
-    callbacks = [Hooks()] + ([TensorBoardCallback(tb_writer=writer)] if ranks.main else [])
+    class Board(TensorBoardCallback):            # one event file: the writer stays open for the final evaluation
+        def on_train_end(self, a, state, control, **kw):
+            if self.tb_writer is not None:
+                self.tb_writer.flush()
+
+    callbacks = [Hooks()] + ([Board(tb_writer=writer)] if ranks.main else [])
     ref_patch = _reference_copy(model) if (rl.beta > 0 and t.lora_r == 0) else _nothing()
     with ref_patch:
         trainer = _trainer_class()(

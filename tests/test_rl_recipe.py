@@ -352,6 +352,58 @@ def test_balanced_category_task_gives_every_split_equal_sections():
         RLConfig(task="bbc_headline", balanced=True)
 
 
+def test_rl_results_report_only_with_zero_and_partial_runs(tmp_path):
+    """benchmarks/rl_results.py --report-only: no runs at all, then some methods/seeds of the balanced
+    settings; the paired t-test (drpost.stats.paired) gives a verdict only at p < 0.05."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("rl_results", ROOT / "benchmarks" / "rl_results.py")
+    rr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rr)
+    assert {"grpo_balanced", "ppo_balanced"} <= set(rr.SETTINGS)
+    for part in ("grpo_balanced", "ppo_balanced"):
+        cfg = load_config(ROOT / rr.SETTINGS[part]["config"], rr.SETTINGS[part]["overrides"])
+        assert cfg.rl.balanced and cfg.rl.policy_algorithm == part.split("_")[0]
+        assert rr.DEFAULT_SEEDS[part] == [0, 1, 2] and rr.SETTINGS[part]["methods"] == ["standard", "filter_layer", "iif"]
+    out, doc = tmp_path / "runs", tmp_path / "doc" / "results_rl.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rl_results.py"), "--report-only", "--out",
+                           str(out), "--doc", str(doc)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert doc.is_file() and "## GRPO" not in doc.read_text()
+
+    def fake(part, method, seed, acc):
+        d = rr.run_dir(out, part, method, seed)
+        d.mkdir(parents=True)
+        cfg = load_config(ROOT / rr.SETTINGS[part]["config"], rr.SETTINGS[part]["overrides"] + ["--train.seed", str(seed)])
+        from drpost.config import config_to_dict
+
+        hist = [{"step": i + 1, "reward": 0.2, "kept": 0.5, "kl": 0.0, "seconds": 1.0} for i in range(3)]
+        (d / "metrics.json").write_text(json.dumps({
+            "run_dir": str(d), "method": method, "algorithm": cfg.rl.policy_algorithm, "metric": "accuracy",
+            "task": {"train": 200, "target": 20, "test": 60}, "final": {"accuracy": acc, "step": 16, "n_test": 60},
+            "start": {"step": 0, "accuracy": 0.2} if seed == 0 and method == "standard" else None,
+            "train_means": {"reward": 0.2, "kept": 0.5, "kl": 0.0, "seconds": 1.0}, "reward_model": None,
+            "history": {"eval": [], "train": hist}, "seconds_total": 10.0, "config": config_to_dict(cfg)}))
+        (d / "predictions.json").write_text(json.dumps([{"prediction": "sport"}, {"prediction": "tech"}]))
+
+    for seed, (std, filt, iif) in enumerate([(0.20, 0.30, 0.25), (0.25, 0.36, 0.20), (0.30, 0.39, 0.35)]):
+        fake("grpo_balanced", "standard", seed, std)
+        fake("grpo_balanced", "filter_layer", seed, filt)
+        if seed < 2:
+            fake("grpo_balanced", "iif", seed, iif)
+    fake("ppo_balanced", "iif", 0, 0.3)                        # no standard run to pair with
+    rr.report(out, doc)
+    text = doc.read_text()
+    assert "## GRPO (TRL GRPOTrainer) on balanced BBC sections" in text and "## PPO" in text
+    line = next(x for x in text.splitlines() if x.startswith("| filter_layer - standard"))
+    assert "| 3 | +0.100 |" in line and line.endswith("| better |")          # differences .10, .11, .09: p < 0.05
+    line = next(x for x in text.splitlines() if x.startswith("| iif - standard"))
+    assert "| 2 |" in line and line.endswith("| no difference shown |")
+    assert text.count("- standard |") == 2                      # nothing paired for PPO
+
+
 if __name__ == "__main__":
     from dist_launch import worker_main
 

@@ -70,7 +70,8 @@ def test_rl_config_section_validates_with_clear_errors():
 
 
 @pytest.mark.parametrize("extra,metric", [
-    (["--drpost.scope", "global"], "accuracy"),                                    # GRPO + drpost filter
+    (["--drpost.scope", "global"], "accuracy"),                                    # GRPO (TRL) + drpost filter
+    (["--rl.task", "bbc_headline", "--rl.algorithm", "grpo", "--rl.iif", "true"], "rougeL"),  # RM + GRPO (TRL), IIF
     (["--rl.task", "bbc_headline", "--rl.iif", "true", "--drpost.feasible_set", "standard"], "rougeL"),  # RM + RLOO, IIF
     (["--rl.task", "bbc_headline", "--rl.algorithm", "ppo", "--rl.epochs", "2"], "rougeL"),  # RM + PPO, drpost filter
     (["--rl.algorithm", "ppo", "--rl.iif", "true", "--drpost.feasible_set", "standard"], "accuracy"),  # PPO, IIF
@@ -153,6 +154,11 @@ def test_grpo_config_maps_the_recipe_sections(tmp_path, tokenizer):
     assert (iif.iif, iif.feasible_set, iif.frac) == (True, "standard", 0.5)
     with pytest.raises(ValueError, match="do not split evenly over 5 processes"):
         grpo_layout(cfg, world=5)
+    with pytest.raises(ValueError, match="rl.iif true runs in one process only"):
+        grpo_layout(load_config(TINY, ["--rl.iif", "true"]), world=2)
+    with pytest.raises(ValueError, match="rl.target_batch x rl.group_size = 3 target completions"):
+        grpo_layout(load_config(TINY, ["--rl.target_batch", "3", "--rl.group_size", "1", "--rl.prompts_per_step", "4"]),
+                    world=2)
     with pytest.raises(ValueError, match="set rl.mini_batches 1"):
         grpo_config(load_config(TINY, ["--rl.mini_batches", "2"]), tmp_path)
     # the prompts TRL renders are the ones evaluation encodes (same system turn, same chat template)

@@ -355,6 +355,15 @@ def grpo_layout(cfg: Config, world: int = 1) -> dict:
     if n % world:
         raise ValueError(f"rl.prompts_per_step x rl.group_size = {n} completions per step do not split evenly over "
                          f"{world} processes: choose them so that their product is a multiple of {world}")
+    if world > 1 and rl.iif:
+        raise ValueError("rl.iif true runs in one process only (DrPostGRPOTrainer's IIF pre-pass decides per rank "
+                         "how many micro-batches it trains): launch without torchrun, or use drpost.feasible_set "
+                         "filter")
+    uses_target = rl.iif or cfg.drpost.feasible_set != "standard"
+    if world > 1 and uses_target and rl.target_source == "pool" and (rl.target_batch * rl.group_size) % world:
+        raise ValueError(f"rl.target_batch x rl.group_size = {rl.target_batch * rl.group_size} target completions do "
+                         f"not split evenly over {world} processes: choose rl.target_batch so that the product is a "
+                         f"multiple of {world}")
     per_rank = n // world
     micro = max(d for d in range(1, min(rl.micro_batch, per_rank) + 1) if per_rank % d == 0)
     return {"completions": n, "per_rank": per_rank, "micro_batch": micro, "grad_accum": per_rank // micro}

@@ -96,9 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     if cfg.recipe == "rl":
         from drpost.recipes.rl import run_rl
 
-        if flags["resume"]:
-            raise ValueError("--resume is not supported for RL recipes (recipe: rl)")
-        run_rl(cfg, overwrite=flags["overwrite"], progress=not flags["no_progress"])
+        run_rl(cfg, overwrite=flags["overwrite"], progress=not flags["no_progress"], resume=flags["resume"])
         return 0
     run_sft(cfg, resume=flags["resume"], overwrite=flags["overwrite"], progress=not flags["no_progress"])
     return 0

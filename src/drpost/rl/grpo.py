@@ -25,12 +25,13 @@ Statistics (reward, accuracy, KL, completion length) are always over the whole r
 method including IIF (METHOD §9.7); ``kept`` is the share of completions whose gradient was used
 (averaged over layers for per-layer feasible sets).
 
-This is a small loop of our own rather than a subclass of TRL's ``GRPOTrainer``: TRL 1.16's trainer
-computes its loss inside ``compute_loss`` and calls ``accelerator.backward`` on it, and injecting
-a second (target) rollout, per-micro-batch selection and the IIF pre-pass means overriding most
-of ``_generate_and_score_completions`` and ``training_step``. The formulas match TRL's GRPO with
-``loss_type='dapo'`` (token-mean over the step), ``scale_rewards=True`` and the k3 KL estimator;
-TRL's ``selective_log_softmax`` computes the log-probs.
+In ``drpost train`` (:mod:`drpost.recipes.rl`) **GRPO runs on TRL's trainer**
+(:class:`drpost.integrations.trl_grpo.DrPostGRPOTrainer`, TRL's ``GRPOTrainer`` with drpost's
+backward: torchrun, ``--resume``); this loop stays for **RLOO** (leave-one-out baseline, KL-shaped
+reward) and as the base of :class:`drpost.rl.ppo.PPOTrainer`, and ``algorithm='grpo'`` still runs here
+for code that calls it directly. Its GRPO formulas match TRL's with ``loss_type='dapo'`` (token-mean
+over the step), ``scale_rewards=True`` and the k3 KL estimator; TRL's ``selective_log_softmax``
+computes the log-probs. One process; no checkpoints.
 """
 from __future__ import annotations
 

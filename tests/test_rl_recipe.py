@@ -133,7 +133,7 @@ def test_grpo_config_maps_the_recipe_sections(tmp_path, tokenizer):
     from trl import GRPOTrainer
 
     from drpost.evaluation.generation import encode_prompts
-    from drpost.recipes.rl import exact_match_reward, grpo_config, grpo_layout, trl_prompt_rows
+    from drpost.recipes.rl_grpo import exact_match_reward, grpo_config, grpo_layout, trl_prompt_rows
 
     cfg = load_config(TINY, ["--rl.prompts_per_step", "3", "--rl.group_size", "4", "--rl.micro_batch", "5",
                              "--rl.max_new_tokens", "7", "--rl.temperature", "0.7", "--rl.beta", "0.1",
@@ -196,7 +196,7 @@ def fixed_single_turn(self, prompt_ids, images, multimodal_fields, num_generatio
 
 
 def _patch_grpo(monkeypatch_or_none, fixed: bool):
-    import drpost.recipes.rl as rlmod
+    import drpost.recipes.rl_grpo as rlmod
     from drpost.integrations.trl_grpo import DrPostGRPOTrainer
 
     reward = rlmod.trl_reward(spread_reward, "spread")

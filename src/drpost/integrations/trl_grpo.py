@@ -64,276 +64,22 @@ What changes (:meth:`DrPostGRPOTrainer.training_step`):
 from __future__ import annotations
 
 import copy
-import functools
-import math
-import numbers
 import os
-from dataclasses import dataclass, field
 
 import torch
-from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import selective_log_softmax
+from trl import GRPOTrainer
 
 from ..engine import DataRegularizer, NonFiniteError
-from ..engine.options import DrPostOptions, OptionError, check_int, help_meta, option
 from ..rl.iif import iif_keep
-from ..rl.rewards import RewardError, zscore_rewards
-from ..training_options import TARGET_LOSSES, TARGET_SOURCES
+from ..rl.rewards import checked_reward_function, zscore_rewards
+from .trl_grpo_config import (SUPPORTED_LOSS_TYPES, DrPostGRPOConfig, DrPostGRPOOptions, check_grpo_combination,
+                              check_target_dataset)
+from .trl_grpo_loss import GRPOTokenLoss
 
 __all__ = ["DrPostGRPOConfig", "DrPostGRPOTrainer", "DrPostGRPOOptions", "GRPOTokenLoss", "SUPPORTED_LOSS_TYPES"]
 
 DRPOST_STATE_NAME = "drpost_state.pt"
 _NEVER = 10 ** 9
-# loss_type -> how TRL normalises it: "tokens" (completion tokens of the accumulated step, all ranks) or
-# "rows" (completions of the step: the mean of per-completion values)
-SUPPORTED_LOSS_TYPES = {"dapo": "tokens", "cispo": "tokens", "grpo": "rows", "sapo": "rows", "dr_grpo": "rows"}
-_REFUSED_LOSS_TYPES = {
-    "bnpo": "it is a token mean per micro-batch, averaged over micro-batches and ranks, which is no sum of "
-            "per-completion terms; use loss_type='dapo' (the token mean over the whole step)",
-    "luspo": "it needs importance_sampling_level='sequence', which DrPostGRPOTrainer does not support",
-    "vespo": "its Gamma weights are not implemented in drpost's per-completion loss; use 'dapo' or 'cispo'",
-}
-
-
-@dataclass
-class DrPostGRPOOptions(DrPostOptions):
-    """The engine's options (RL defaults: ``feasible_set='filter'``, ``frac=1.0``, the separate target
-    strategy, ``refresh_every`` = optimisation steps between target refreshes) plus the RL ones."""
-
-    feasible_set: str = option("feasible_set", "filter")
-    frac: float = option("frac", 1.0)
-    target_strategy: str = option("target_strategy", "separate")
-    iif: bool = field(default=False, metadata=help_meta(
-        "The IIF baseline: score each rollout once (global filter), drop the negatively scored completions, "
-        "train plainly on the rest (feasible_set must be 'standard' or 'filter')."))
-    target_loss: str = field(default="reward", metadata=help_meta(
-        "Target loss: 'reward' (z-scored reward x completion log-prob) or 'train-loss' (the GRPO objective at "
-        "ratio 1).", TARGET_LOSSES))
-    target_source: str = field(default="pool", metadata=help_meta(
-        "'pool': rollouts of target_batch prompts of target_dataset; 'self': the rollout being trained on.",
-        TARGET_SOURCES))
-    target_batch: int = field(default=4, metadata=help_meta(
-        "target_source='pool': target prompts rolled out (num_generations times each) per refresh."))
-
-    @property
-    def uses_target(self) -> bool:
-        return self.iif or self.feasible_set != "standard"
-
-    def check_grpo_drpost_options(self) -> None:
-        self.check_options()
-        for name, choices in (("target_loss", TARGET_LOSSES), ("target_source", TARGET_SOURCES)):
-            if getattr(self, name) not in choices:
-                raise OptionError(name, f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        check_int(self, "target_batch", 1, "a positive integer (target prompts per refresh)")
-        if not isinstance(self.iif, bool):
-            raise OptionError("iif", f"iif must be True or False, got {self.iif!r}")
-        if self.target_strategy != "separate":
-            raise OptionError("target_strategy", "DrPostGRPOTrainer captures the target gradient from target "
-                                                 "rollouts before the update (target_strategy='separate'); "
-                                                 f"'merged' cannot ride in a rollout's micro-batch, got "
-                                                 f"{self.target_strategy!r}")
-        if self.feasible_set == "target_only":
-            raise OptionError("feasible_set", "feasible_set='target_only' would train on the target rollouts "
-                                              "instead of the training ones; not supported by DrPostGRPOTrainer")
-        if self.iif and self.feasible_set not in ("standard", "filter"):
-            raise OptionError("feasible_set", "with iif=True the rollout is filtered once and then trained plainly, "
-                                              "so feasible_set must be 'standard' or 'filter' (only its frac is "
-                                              f"used), got {self.feasible_set!r}")
-
-
-@dataclass
-class DrPostGRPOConfig(GRPOConfig, DrPostGRPOOptions):
-    """TRL's ``GRPOConfig`` plus the Dr. Post-Training options (:class:`DrPostGRPOOptions`), so
-    ``TrlParser`` offers them all as flags. ``seed`` is GRPOConfig's; it seeds drpost and the target
-    rollouts too."""
-
-    def __post_init__(self):
-        try:
-            self.check_grpo_drpost_options()
-        except OptionError as err:
-            raise OptionError(err.option, f"{type(self).__name__}: {err}") from None
-        GRPOConfig.__post_init__(self)
-        check_grpo_combination(self)
-
-
-def check_grpo_combination(args) -> None:
-    """Refuse GRPO settings whose loss drpost cannot reproduce per completion (a clear ValueError)."""
-    name = type(args).__name__
-    lt = args.loss_type
-    if lt in _REFUSED_LOSS_TYPES:
-        raise ValueError(f"{name}: loss_type={lt!r} is not supported by DrPostGRPOTrainer: {_REFUSED_LOSS_TYPES[lt]}; "
-                         f"supported: {', '.join(SUPPORTED_LOSS_TYPES)}")
-    if lt not in SUPPORTED_LOSS_TYPES:
-        raise ValueError(f"{name}: unknown loss_type {lt!r}; DrPostGRPOTrainer supports {', '.join(SUPPORTED_LOSS_TYPES)}")
-    refusals = [
-        (args.importance_sampling_level != "token", "importance_sampling_level='sequence' (a sequence-level ratio)",
-         "use importance_sampling_level='token'"),
-        (args.top_entropy_quantile < 1.0, f"top_entropy_quantile={args.top_entropy_quantile} (a token mask from a "
-         "quantile over every rank's tokens, not a per-completion loss)", "set top_entropy_quantile=1.0"),
-        (args.off_policy_mask_threshold is not None, "off_policy_mask_threshold", "leave it None"),
-        (bool(args.entropy_coef) or args.use_adaptive_entropy, "the entropy bonus (entropy_coef / "
-         "use_adaptive_entropy)", "set entropy_coef=0 and use_adaptive_entropy=False"),
-        (bool(getattr(args, "use_liger_kernel", False)), "use_liger_kernel (Liger's fused GRPO loss)",
-         "set use_liger_kernel=False"),
-    ]
-    for bad, what, fix in refusals:
-        if bad:
-            raise ValueError(f"{name}: {what} is not supported by DrPostGRPOTrainer (drpost needs the loss as a sum "
-                             f"of per-completion terms): {fix}")
-    if SUPPORTED_LOSS_TYPES[lt] == "tokens" and args.steps_per_generation != args.gradient_accumulation_steps:
-        raise ValueError(f"{name}: with loss_type={lt!r} TRL divides every micro-batch by the tokens of the whole "
-                         f"generation batch x gradient_accumulation_steps / steps_per_generation, an estimate of the "
-                         f"step's tokens that drpost does not reproduce (it normalises by the chosen completions' "
-                         f"tokens of the step): set steps_per_generation = gradient_accumulation_steps "
-                         f"({args.gradient_accumulation_steps}; got {args.steps_per_generation}) or use "
-                         "loss_type='grpo'")
-
-
-# ---------------------------------------------------------------------------------------------
-# the per-completion loss
-class GRPOTokenLoss:
-    """``loss_fn(logits, batch) -> (losses, mask)`` for :class:`DataRegularizer`: TRL's GRPO per-token loss.
-
-    The batch (built by :meth:`DrPostGRPOTrainer.engine_batch`) has ``input_ids``/``attention_mask``
-    (left-padded prompt + right-padded completion), ``labels`` (the completion tokens, -100 elsewhere),
-    ``_completion_len`` C, ``advantages`` [N] and optionally ``old_logps``/``ref_logps`` [N, C] (TRL's
-    alignment), ``is_ratio`` (vLLM's importance-sampling ratio), ``keep`` [N] (IIF) and ``_per_row`` [N].
-    ``_per_row`` false: it returns the per-token losses and the completion mask (the engine then normalises by
-    the chosen completions' tokens); true: one value per completion ([N, 1], mask all true):
-    its token mean (``grpo``/``sapo``) or token sum / ``max_completion_length`` (``dr_grpo``), so the
-    engine divides by the number of chosen completions."""
-
-    def __init__(self, loss_type: str, epsilon_low: float, epsilon_high: float, beta: float, temperature: float,
-                 delta: float | None = None, bias_correction_kl: bool = False, max_completion_length: int | None = None,
-                 sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05):
-        if loss_type not in SUPPORTED_LOSS_TYPES:
-            raise ValueError(f"loss_type {loss_type!r} is not supported; choose one of {', '.join(SUPPORTED_LOSS_TYPES)}")
-        self.loss_type, self.eps_low, self.eps_high = loss_type, float(epsilon_low), float(epsilon_high)
-        self.beta, self.temperature, self.delta = float(beta), float(temperature), delta
-        self.bias_correction_kl, self.max_len = bias_correction_kl, max_completion_length
-        self.sapo_pos, self.sapo_neg = sapo_temperature_pos, sapo_temperature_neg
-        self.record = None       # a list: the general passes append their monitoring tensors here
-
-    def token_logps(self, logits: torch.Tensor, batch: dict):
-        c = int(batch["_completion_len"][0])
-        length = batch["input_ids"].shape[1]
-        ids = batch["input_ids"][:, length - c:]
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        logits = logits[:, length - c - 1:length - 1].to(dtype) / self.temperature
-        mask = batch["labels"][:, length - c:] != -100
-        return selective_log_softmax(logits, ids), mask, logits
-
-    def __call__(self, logits: torch.Tensor, batch: dict):
-        logps, mask, scaled = self.token_logps(logits, batch)
-        adv = batch["advantages"].to(logps.dtype).view(-1, 1)
-        old = batch.get("old_logps")
-        old = logps.detach() if old is None else old.to(logps.dtype)
-        coef_1 = torch.exp(logps - old)
-        ref = batch.get("ref_logps")
-        kl = None
-        if ref is not None and self.beta != 0.0:
-            ref = ref.to(logps.dtype)
-            kl = torch.exp(ref - logps) - (ref - logps) - 1
-            if self.bias_correction_kl:
-                kl = kl * coef_1
-        lt = self.loss_type
-        if lt == "cispo":
-            per_token = -torch.clamp(coef_1, max=self.eps_high).detach() * adv * logps
-        elif lt == "sapo":
-            temps = torch.where(adv > 0, self.sapo_pos, self.sapo_neg)
-            per_token = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
-        else:
-            coef_2 = torch.clamp(coef_1, 1 - self.eps_low, 1 + self.eps_high)
-            if self.delta is not None:                 # two-sided clipping (TRL logs its clip ratios after it)
-                coef_1 = torch.clamp(coef_1, max=self.delta)
-            per_token = -torch.min(coef_1 * adv, coef_2 * adv)
-        ratio = batch.get("is_ratio")
-        if ratio is not None:
-            per_token = per_token * ratio.to(per_token.dtype)
-        if kl is not None:
-            per_token = per_token + self.beta * kl
-        keep = batch.get("keep")
-        if keep is not None:
-            mask = mask & keep.view(-1, 1).to(torch.bool)
-        if self.record is not None:
-            with torch.no_grad():
-                probs = torch.softmax(scaled, -1)
-                entropy = -(probs * torch.log_softmax(scaled, -1)).sum(-1)
-                self.record.append({"mask": mask.detach(), "coef_1": coef_1.detach(), "adv": adv.detach(),
-                                    "kl": None if kl is None else kl.detach(), "entropy": entropy})
-        zero = torch.zeros_like(per_token)
-        per_row = batch.get("_per_row")
-        if per_row is None or not bool(per_row[0]):
-            return torch.where(mask, per_token, zero), mask
-        summed = torch.where(mask, per_token, zero).sum(-1, keepdim=True)
-        if lt == "dr_grpo":
-            value = summed / float(self.max_len)
-        else:
-            value = summed / mask.sum(-1, keepdim=True).clamp(min=1)
-        rows = torch.ones_like(value, dtype=torch.bool) if keep is None else keep.view(-1, 1).to(torch.bool)
-        return torch.where(rows, value, torch.zeros_like(value)), rows
-
-
-# ---------------------------------------------------------------------------------------------
-# reward functions: TRL's signature, checked
-def _preview(x, n: int = 60) -> str:
-    text = x if isinstance(x, str) else repr(x)
-    return repr(text[:n] + ("..." if len(text) > n else ""))
-
-
-def _check_rewards(name: str, out, prompts, completions):
-    try:
-        values = list(out)
-    except TypeError:
-        raise RewardError(f"reward function {name!r} must return a list of floats (one per completion), got "
-                          f"{type(out).__name__}") from None
-    for i, v in enumerate(values):
-        if v is None:
-            continue   # TRL: "not applicable to this completion"
-        if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
-            raise RewardError(f"reward function {name!r} returned {v!r} ({type(v).__name__}) for row {i} (prompt "
-                              f"{_preview(prompts[i])}); rewards must be numbers, or None where the function does "
-                              "not apply")
-        if not math.isfinite(float(v)):
-            raise RewardError(f"reward function {name!r} returned {float(v)} for row {i} (prompt "
-                              f"{_preview(prompts[i])}, completion {_preview(completions[i])}); rewards must be "
-                              "finite: fix the function, or return None where it does not apply")
-    return out
-
-
-def checked_reward_function(fn, name: str):
-    """``fn`` wrapped so that an exception or a NaN/inf value becomes a RewardError naming it and the row."""
-    from trl.trainer.utils import is_async_callable
-
-    def failed(err, prompts):
-        return RewardError(f"reward function {name!r} raised {type(err).__name__}: {err} (on a batch of "
-                           f"{len(prompts)} completions, first prompt {_preview(prompts[0]) if prompts else None}); "
-                           "fix the function or the dataset columns it reads")
-
-    if is_async_callable(fn):
-        async def wrapped(prompts, completions, **kw):
-            try:
-                out = await fn(prompts=prompts, completions=completions, **kw)
-            except RewardError:
-                raise
-            except Exception as err:
-                raise failed(err, prompts) from err
-            return _check_rewards(name, out, prompts, completions)
-    else:
-        def wrapped(prompts, completions, **kw):
-            try:
-                out = fn(prompts=prompts, completions=completions, **kw)
-            except RewardError:
-                raise
-            except Exception as err:
-                raise failed(err, prompts) from err
-            return _check_rewards(name, out, prompts, completions)
-    try:
-        functools.update_wrapper(wrapped, fn)
-    except (AttributeError, TypeError):
-        pass
-    wrapped.__name__ = name
-    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +102,7 @@ class DrPostGRPOTrainer(GRPOTrainer):
             raise TypeError(f"DrPostGRPOTrainer needs DrPostGRPOConfig, got {type(args).__name__}; DrPostGRPOConfig "
                             "accepts every field of GRPOConfig")
         check_grpo_combination(args)
-        self._check_target_dataset(args, target_dataset)
+        check_target_dataset(args, target_dataset)
         super().__init__(model, reward_funcs, args, train_dataset, eval_dataset, processing_class,
                          *trainer_args, **kwargs)
         if self.aux_loss_enabled:
@@ -398,30 +144,6 @@ class DrPostGRPOTrainer(GRPOTrainer):
         self.skipped_micro_batches = 0     # micro-batches without a completion token to train on (one process)
 
     # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _check_target_dataset(args, target) -> None:
-        if not (args.uses_target and args.target_source == "pool"):
-            return
-        if target is None:
-            raise ValueError(f"feasible_set={args.feasible_set!r}{' with iif=True' if args.iif else ''} and "
-                             "target_source='pool' need target prompts: pass target_dataset= (rows with 'prompt' and "
-                             "the columns the reward functions read), or use target_source='self' (the step's own "
-                             "rollout) or feasible_set='standard'")
-        try:
-            n = len(target)
-        except TypeError:
-            raise TypeError(f"target_dataset must be a list of dicts or a datasets.Dataset, got "
-                            f"{type(target).__name__}") from None
-        if n < args.target_batch:
-            raise ValueError(f"the target dataset has {n} prompts, fewer than target_batch={args.target_batch}: pass "
-                             "more target prompts, lower target_batch, or use target_source='self'")
-        names = getattr(target, "column_names", None)
-        if names is None:
-            names = set(target[0].keys()) if hasattr(target[0], "keys") else set()
-        if "prompt" not in names:
-            raise ValueError(f"the target dataset needs a 'prompt' column (like GRPOTrainer's train_dataset); got "
-                             f"{sorted(names)}")
-
     # ------------------------------------------------------------------ the regularizer(s)
     @property
     def regularizer(self) -> DataRegularizer | None:

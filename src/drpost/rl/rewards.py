@@ -8,6 +8,7 @@ a function that raises, returns the wrong number of values, a non-number, NaN or
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Callable, Sequence
@@ -107,3 +108,64 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     return rewards.to(torch.float64).view(-1, group_size)
+
+
+# ------------------------------------------------------------------ checked reward functions (TRL trainers)
+def _preview(x, n: int = 60) -> str:
+    text = x if isinstance(x, str) else repr(x)
+    return repr(text[:n] + ("..." if len(text) > n else ""))
+
+
+def _check_rewards(name: str, out, prompts, completions):
+    try:
+        values = list(out)
+    except TypeError:
+        raise RewardError(f"reward function {name!r} must return a list of floats (one per completion), got "
+                          f"{type(out).__name__}") from None
+    for i, v in enumerate(values):
+        if v is None:
+            continue   # TRL: "not applicable to this completion"
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
+            raise RewardError(f"reward function {name!r} returned {v!r} ({type(v).__name__}) for row {i} (prompt "
+                              f"{_preview(prompts[i])}); rewards must be numbers, or None where the function does "
+                              "not apply")
+        if not math.isfinite(float(v)):
+            raise RewardError(f"reward function {name!r} returned {float(v)} for row {i} (prompt "
+                              f"{_preview(prompts[i])}, completion {_preview(completions[i])}); rewards must be "
+                              "finite: fix the function, or return None where it does not apply")
+    return out
+
+
+def checked_reward_function(fn, name: str):
+    """``fn`` wrapped so that an exception or a NaN/inf value becomes a RewardError naming it and the row."""
+    from trl.trainer.utils import is_async_callable
+
+    def failed(err, prompts):
+        return RewardError(f"reward function {name!r} raised {type(err).__name__}: {err} (on a batch of "
+                           f"{len(prompts)} completions, first prompt {_preview(prompts[0]) if prompts else None}); "
+                           "fix the function or the dataset columns it reads")
+
+    if is_async_callable(fn):
+        async def wrapped(prompts, completions, **kw):
+            try:
+                out = await fn(prompts=prompts, completions=completions, **kw)
+            except RewardError:
+                raise
+            except Exception as err:
+                raise failed(err, prompts) from err
+            return _check_rewards(name, out, prompts, completions)
+    else:
+        def wrapped(prompts, completions, **kw):
+            try:
+                out = fn(prompts=prompts, completions=completions, **kw)
+            except RewardError:
+                raise
+            except Exception as err:
+                raise failed(err, prompts) from err
+            return _check_rewards(name, out, prompts, completions)
+    try:
+        functools.update_wrapper(wrapped, fn)
+    except (AttributeError, TypeError):
+        pass
+    wrapped.__name__ = name
+    return wrapped

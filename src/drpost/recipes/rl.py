@@ -83,6 +83,18 @@ def evaluate_policy(model, tokenizer, rows: list[dict], scorer, max_new_tokens: 
     return {"score": sum(scores) / len(scores), "completions": completions, "scores": list(scores)}
 
 
+def write_outputs(run_dir: Path, metrics: dict, history: list, test: list[dict], final: dict) -> None:
+    """A run's ``metrics.json``, ``train_log.jsonl`` (the per-step rows) and ``predictions.json``."""
+    (run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
+    with open(run_dir / "train_log.jsonl", "w") as f:
+        for h in history:
+            f.write(json.dumps(jsonable(h)) + "\n")
+    cols = [k for k in test[0] if k != "prompt"]
+    (run_dir / "predictions.json").write_text(json.dumps(
+        [{"prompt": r["prompt"], "prediction": c, "score": s, **{k: r[k] for k in cols}}
+         for r, c, s in zip(test, final["completions"], final["scores"])], indent=1))
+
+
 def _train_reward_model(cfg: Config, task, progress: bool) -> tuple:
     rl = cfg.rl
     lm, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=DTYPES[cfg.model.dtype],
@@ -232,14 +244,7 @@ def _run_loop(cfg: Config, overwrite: bool = False, progress: bool = True) -> di
         "policy_config": trainer.config_dict(),
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
-    (run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
-    with open(run_dir / "train_log.jsonl", "w") as f:
-        for h in history:
-            f.write(json.dumps(jsonable(h)) + "\n")
-    cols = [k for k in task.test[0] if k != "prompt"]
-    (run_dir / "predictions.json").write_text(json.dumps(
-        [{"prompt": r["prompt"], "prediction": c, "score": s, **{k: r[k] for k in cols}}
-         for r, c, s in zip(task.test, final["completions"], final["scores"])], indent=1))
+    write_outputs(run_dir, metrics, history, task.test, final)
     start = metrics["start"][metric] if metrics["start"] else float("nan")
     print(f"done: {method} {metric} {start:.3f} -> {final['score']:.3f} on {len(task.test)} test prompts, "
           f"mean kept {metrics['train_means']['kept']:.3f}, {metrics['seconds_total']:.0f} s\n"

@@ -68,7 +68,7 @@ from drpost.rl import tasks as rl_tasks
 
 from .common import (DTYPES, check_run_dir, clear_disk_errors, jsonable, last_checkpoint, make_run_dir,
                      prepare_trainable)
-from .rl import _train_reward_model, evaluate_policy
+from .rl import _train_reward_model, evaluate_policy, write_outputs
 
 __all__ = ["run_grpo", "grpo_config", "grpo_layout", "trl_prompt_rows", "trl_reward", "exact_match_reward"]
 
@@ -363,14 +363,7 @@ def run_grpo(cfg: Config, overwrite: bool = False, progress: bool = True, resume
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads()},
     }
     with clear_disk_errors(run_dir):
-        (run_dir / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=1))
-        with open(run_dir / "train_log.jsonl", "w") as f:
-            for h in history:
-                f.write(json.dumps(jsonable(h)) + "\n")
-        cols = [k for k in task.test[0] if k != "prompt"]
-        (run_dir / "predictions.json").write_text(json.dumps(
-            [{"prompt": r["prompt"], "prediction": c, "score": s, **{k: r[k] for k in cols}}
-             for r, c, s in zip(task.test, final["completions"], final["scores"])], indent=1))
+        write_outputs(run_dir, metrics, history, task.test, final)
     ranks.barrier()
     start = metrics["start"][metric] if metrics["start"] else float("nan")
     kept = metrics["train_means"]["kept"]

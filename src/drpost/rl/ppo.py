@@ -61,6 +61,7 @@ from drpost.training_options import PPOOptions, policy_gradient_option
 
 from .grpo import _NEVER, PolicyGradientConfig, PolicyGradientTrainer, kept_rows
 from .loss import policy_logps, shifted_labels, token_logps
+from .reward_model import scalar_head
 from .rewards import call_rewards, zscore_rewards
 from .rollout import sample
 
@@ -200,12 +201,7 @@ class ValueModel(nn.Module):
     def __init__(self, backbone: nn.Module, hidden_size: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
-        dtype = next(backbone.parameters()).dtype
-        with torch.no_grad():
-            self.head.weight.normal_(0.0, 1.0 / hidden_size ** 0.5)
-            self.head.bias.zero_()
-        self.head.to(dtype)
+        self.head = scalar_head(backbone, hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

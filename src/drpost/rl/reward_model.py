@@ -18,16 +18,21 @@ from drpost.evaluation.generation import encode_prompts, stop_token_ids
 from .rollout import build_rows
 
 
+def scalar_head(backbone: nn.Module, hidden_size: int) -> nn.Linear:
+    """A linear hidden -> 1 head in the backbone's dtype (weights N(0, 1/hidden), bias 0): the reward
+    model's and the PPO critic's."""
+    head = nn.Linear(hidden_size, 1)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 1.0 / hidden_size ** 0.5)
+        head.bias.zero_()
+    return head.to(next(backbone.parameters()).dtype)
+
+
 class RewardModel(nn.Module):
     def __init__(self, backbone: nn.Module, hidden_size: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(hidden_size, 1)
-        dtype = next(backbone.parameters()).dtype
-        with torch.no_grad():
-            self.head.weight.normal_(0.0, 1.0 / hidden_size ** 0.5)
-            self.head.bias.zero_()
-        self.head.to(dtype)
+        self.head = scalar_head(backbone, hidden_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

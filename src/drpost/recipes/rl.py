@@ -48,7 +48,7 @@ from drpost.rl.reward_model import (RewardModelScorer, pair_accuracy, reward_mod
 from .common import (DTYPES, RunDirError, check_run_dir, enable_checkpointing, jsonable, make_run_dir,
                      prepare_trainable, quiet_peft)
 
-__all__ = ["run_rl", "evaluate_policy", "policy_config"]
+__all__ = ["run_rl", "evaluate_policy", "policy_config", "train_task_reward_model", "write_outputs"]
 
 
 def _algorithm(cfg: Config) -> str:
@@ -95,7 +95,9 @@ def write_outputs(run_dir: Path, metrics: dict, history: list, test: list[dict],
          for r, c, s in zip(test, final["completions"], final["scores"])], indent=1))
 
 
-def _train_reward_model(cfg: Config, task, progress: bool) -> tuple:
+def train_task_reward_model(cfg: Config, task, progress: bool) -> tuple:
+    """(scorer, stats) of a preference task's reward model: trained on its pairs (Bradley-Terry), or
+    loaded from ``rl.reward_model_path`` when that file exists (and written there after training)."""
     rl = cfg.rl
     lm, tok = load_model(cfg.model.name, num_layers=cfg.model.num_layers, dtype=DTYPES[cfg.model.dtype],
                          attn_implementation=cfg.model.attn_implementation)
@@ -175,7 +177,7 @@ def _run_loop(cfg: Config, overwrite: bool = False, progress: bool = True) -> di
                                n_pairs=rl.n_pairs, prompt_words=rl.prompt_words, balanced=rl.balanced)
     rm_stats = None
     if task.kind == "preference":
-        reward_fns, rm_stats = _train_reward_model(cfg, task, progress)
+        reward_fns, rm_stats = train_task_reward_model(cfg, task, progress)
         scorer, metric = rl_tasks.rouge_l_scorer, "rougeL"
     else:
         reward_fns, scorer, metric = [rl_tasks.exact_match_reward], rl_tasks.exact_match_reward, "accuracy"

@@ -68,7 +68,7 @@ from drpost.rl import tasks as rl_tasks
 
 from .common import (DTYPES, check_run_dir, clear_disk_errors, jsonable, last_checkpoint, make_run_dir,
                      prepare_trainable)
-from .rl import _train_reward_model, evaluate_policy, write_outputs
+from .rl import evaluate_policy, train_task_reward_model, write_outputs
 
 __all__ = ["run_grpo", "grpo_config", "grpo_layout", "trl_prompt_rows", "trl_reward", "exact_match_reward"]
 
@@ -247,7 +247,7 @@ def run_grpo(cfg: Config, overwrite: bool = False, progress: bool = True, resume
                                n_pairs=rl.n_pairs, prompt_words=rl.prompt_words, balanced=rl.balanced)
     rm_stats = None
     if task.kind == "preference":
-        rm, rm_stats = _train_reward_model(cfg, task, progress and ranks.main)
+        rm, rm_stats = train_task_reward_model(cfg, task, progress and ranks.main)
         reward_funcs, scorer, metric = [trl_reward(rm, "reward_model")], rl_tasks.rouge_l_scorer, "rougeL"
     else:
         reward_funcs, scorer, metric = [exact_match_reward], rl_tasks.exact_match_reward, "accuracy"

@@ -24,3 +24,9 @@ def fake_sample(model, tokenizer, prompts, group_size, max_new_tokens, temperatu
             flat.append(row)
     return Rollout(prompts=[r["prompt"] for r in flat], prompt_ids=p_ids, completion_ids=c_ids, completions=texts,
                    columns={"answer": [r["answer"] for r in flat]}, group_size=group_size)
+
+
+def prompt_rows(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt": f"p{seed}-{i}", "ids": torch.randint(3, models_tiny.VOCAB, (4,), generator=g).tolist(),
+             "answer": i % 2} for i in range(n)]

@@ -16,7 +16,7 @@ from drpost.rl import grpo, ppo
 from drpost.rl.ppo import PPOConfig, PPOTrainer, gae, token_rewards, value_model_from_causal_lm, whiten
 from drpost.rl.rewards import RewardError, zscore_rewards
 from drpost.rl.rollout import build_rows
-from rl_fakes import Tok, fake_sample
+from rl_fakes import Tok, fake_sample, prompt_rows
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -27,12 +27,6 @@ def toy_reward(prompts, completions, answer, **_):
         ids = [int(t) for t in c.split()]
         out.append(1.0 - abs(sum(ids) / len(ids) / models_tiny.VOCAB - (0.25 + 0.5 * a)))
     return out
-
-
-def prompt_rows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [{"prompt": f"p{seed}-{i}", "ids": torch.randint(3, models_tiny.VOCAB, (4,), generator=g).tolist(),
-             "answer": i % 2} for i in range(n)]
 
 
 @pytest.fixture

@@ -14,18 +14,12 @@ from drpost.rl import grpo
 from drpost.rl.grpo import PolicyGradientConfig, PolicyGradientTrainer
 from drpost.rl.rewards import RewardError, call_rewards, group_advantages, rloo_advantages, zscore_rewards
 from drpost.rl.rollout import build_rows
-from rl_fakes import Tok, fake_sample
+from rl_fakes import Tok, fake_sample, prompt_rows
 
 
 def parity_reward(prompts, completions, answer, **_):
     """1 if the first completion id has the prompt's parity, else 0 (a verifiable 0/1 reward)."""
     return [float(int(c.split()[0]) % 2 == a) for c, a in zip(completions, answer)]
-
-
-def prompt_rows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [{"prompt": f"p{seed}-{i}", "ids": torch.randint(3, models_tiny.VOCAB, (4,), generator=g).tolist(),
-             "answer": i % 2} for i in range(n)]
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ import gc
 import json
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -308,7 +309,7 @@ def run_grpo(cfg: Config, overwrite: bool = False, progress: bool = True, resume
                 self.tb_writer.flush()
 
     callbacks = [Hooks()] + ([Board(tb_writer=writer)] if ranks.main else [])
-    ref_patch = _reference_copy(model) if (rl.beta > 0 and t.lora_r == 0) else _nothing()
+    ref_patch = _reference_copy(model) if (rl.beta > 0 and t.lora_r == 0) else nullcontext()
     with ref_patch:
         trainer = _trainer_class()(
             model=model, reward_funcs=reward_funcs, args=args, processing_class=tok,
@@ -373,14 +374,6 @@ def run_grpo(cfg: Config, overwrite: bool = False, progress: bool = True, resume
     trainer = model = None
     gc.collect()
     return metrics
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _reference_copy:

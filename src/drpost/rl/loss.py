@@ -21,6 +21,8 @@ gradient accumulation included. With ratio 1 and beta 0 the gradient of row i is
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from trl.trainer.utils import selective_log_softmax
@@ -55,19 +57,11 @@ def policy_logps(model, batch: dict, temperature: float = 1.0, micro_batch: int 
     device = next(model.parameters()).device
     for s in range(0, n, step):
         chunk = {k: v[s:s + step] for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else _null()
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
         with ctx:
             logits = logits_of(model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"]))
         out.append(token_logps(logits, chunk, temperature)[0])
     return torch.cat(out)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 class PolicyLoss:

@@ -23,6 +23,7 @@ rank must pick the same back-end without a collective at scoring time).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -53,10 +54,16 @@ def cache_path() -> Path:
 
 
 def machine_key(device: torch.device) -> str:
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        where = f"{platform.processor() or platform.machine()}-{torch.get_num_threads()}threads"
+    return _machine_key(str(device), torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _machine_key(device: str, threads: int) -> str:
+    """Host, CPU or GPU model, threads and torch version (looked up once per device and thread count:
+    the choice is made for every layer of every step)."""
+    dev = torch.device(device)
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}-{threads}threads"
     return f"{platform.node()}|{where}|torch{torch.__version__}"
 
 

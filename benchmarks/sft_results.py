@@ -32,6 +32,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from commit_results import commit_results  # noqa: E402
+
 OUT = "results/sft"   # relative to the repository root: the runs' recorded paths stay valid in any clone
 
 ALL_METHODS = "standard,layerwise,global,greedy,offline,random,target_only"
@@ -79,14 +82,7 @@ def _finished_count() -> int:
 
 
 def _commit(message: str) -> None:
-    """Commit results/ (only that path) if anything in it changed; retried if git's index is locked."""
-    for _ in range(5):
-        subprocess.run(["git", "add", OUT], cwd=ROOT, capture_output=True)
-        done = subprocess.run(["git", "commit", "-q", "-m", message, "--", OUT], cwd=ROOT, capture_output=True,
-                              text=True)
-        if done.returncode == 0 or "nothing to commit" in done.stdout + done.stderr or "no changes" in done.stdout:
-            return
-        time.sleep(3)
+    commit_results(ROOT, OUT, message)
 
 
 def run_grid(names: list[str], jobs: int, progress: bool, commit: bool) -> None:

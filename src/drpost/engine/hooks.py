@@ -80,8 +80,9 @@ class _Tap(torch.autograd.Function):
                 # general and target samples never share a row: restrict to the general rows
                 general_rows = sink.step.n_general if layout is None else layout.rows_of(sink.step.n_general)
                 grad_x, grads = use.rule.backward(a, grad_out, use.state, general_rows)
-                with torch.no_grad():
-                    sink.on_plain_grads(grads)
+                if not sink.step.second_pass:   # the recomputing backward's norm gradients are the first's
+                    with torch.no_grad():
+                        sink.on_plain_grads(grads)
             grad_a = grad_x if need else None
         else:
             grad_a = use.rule.input_grad(a, grad_out) if need else None

@@ -30,6 +30,7 @@ from ..scoring import BACKENDS, parse_sketch
 TARGET_STRATEGIES = ("merged", "separate")
 SCORE_NORMS = ("none", "per_token", "cosine")
 NONFINITE = ("error", "skip")
+GLOBAL_MEMORY = ("retain", "recompute")
 # feasible sets whose decision scope is fixed by their definition (``scope`` is ignored for them)
 FIXED_SCOPE = {"global": "global", "layerwise": "layer", "rowwise": "layer"}
 
@@ -109,6 +110,13 @@ class DrPostOptions:
     direct_max_mb: float = field(default=256.0, metadata=help_meta(
         "Memory bound (MiB) of the per-sample gradients the 'direct' back-end materialises (it works in "
         "chunks above it; 'auto' never picks it above it)."))
+
+    global_memory: str = field(default="retain", metadata=help_meta(
+        "Global-scope sets (global, and filter/greedy/random with scope='global') decide after the whole "
+        "backward: 'retain' keeps every layer's per-sample factors until then (one backward, the most "
+        "memory); 'recompute' keeps only the scores and runs the backward a second time (retain_graph) to "
+        "assemble the chosen samples layer by layer (peak memory as a per-layer set, the time of one more "
+        "activation-gradient backward). Both give the same update.", GLOBAL_MEMORY))
 
     auto_calibration: str = field(default="measure", metadata=help_meta(
         "How scoring='auto' picks a layer's exact back-end: 'measure' (time the candidates once per layer "

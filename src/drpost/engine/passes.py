@@ -14,7 +14,9 @@ sequence of a packed row (:mod:`drpost.packing`); the counts below are of sample
 Activation checkpointing re-runs forward hooks inside the backward: every backward here runs with
 ``step.in_backward`` set (the hooks then do not count calls), and a capture whose forward ran under
 reentrant checkpointing (``step.grad_off``) uses ``loss.backward()`` with the gradients put aside,
-since reentrant checkpointing refuses ``torch.autograd.grad``.
+since reentrant checkpointing refuses ``torch.autograd.grad``. ``global_memory='recompute'``
+keeps the graph of a selecting backward and runs it once more after the global decision
+(:meth:`Passes._chosen_backward`).
 """
 from __future__ import annotations
 
@@ -47,14 +49,14 @@ class Passes:
         opts = self.pipeline.options
         return self.reduction.check_loss(self.pipeline.step, loss, what, opts, self.where())
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """``loss.backward()`` with the plain parameters' gradients collected into the step's
         accumulator (and their previous ``.grad`` restored)."""
         params, acc = self.att.plain_params, self.pipeline.step.plain_acc
-        for p, g in self._backward_aside(loss, params).items():
+        for p, g in self._backward_aside(loss, params, retain_graph).items():
             add_into(acc, p, g)
 
-    def _backward_aside(self, loss: torch.Tensor, params) -> dict:
+    def _backward_aside(self, loss: torch.Tensor, params, retain_graph: bool = False) -> dict:
         """``loss.backward()`` with the gradients it leaves on ``params`` taken out and returned
         ({param: grad}) and their previous ``.grad`` restored. ``step.in_backward`` tells the hooks
         that a forward call seen meanwhile is an activation-checkpoint recomputation."""
@@ -67,7 +69,7 @@ class Passes:
         step.in_backward = True
         try:
             with self.pipeline.phase("backward"):
-                loss.backward()
+                loss.backward(retain_graph=retain_graph)
         finally:
             step.in_backward = False
             out = {}
@@ -94,8 +96,24 @@ class Passes:
     def _selecting_backward(self, loss: torch.Tensor, what: str) -> None:
         if not self._loss_ok(loss, what):
             return
-        self._backward(loss)
+        recompute = self.pipeline.recomputes_global
+        self._backward(loss, retain_graph=recompute)
         self.pipeline.finish_global()
+        if recompute and self.pipeline.step.global_choice is not None:
+            self._chosen_backward(loss)
+
+    def _chosen_backward(self, loss: torch.Tensor) -> None:
+        """``global_memory='recompute'``: the same backward again, after the one decision; the taps
+        hand their factors in once more and each group assembles the chosen samples at once. The
+        plain parameters' gradients of this pass are the first pass's again: discarded (and the
+        norm taps do not report theirs, see hooks.py)."""
+        pipeline = self.pipeline
+        pipeline.begin_second_pass()
+        try:
+            self._backward_aside(loss, self.att.plain_params)
+            pipeline.flush_pending()
+        finally:
+            pipeline.step.second_pass, pipeline.step.global_choice = False, None
 
     # ------------------------------------------------------------------ the passes
     def plain(self, general: dict, target: dict | None) -> None:

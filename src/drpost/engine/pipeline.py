@@ -5,7 +5,10 @@ calls of a group are in, the group is scored against the target (``capture`` mod
 target instead), the feasible set picks its subset (:mod:`drpost.engine.selection`, through the
 reduction, which gathers the scores of every rank when distributed) and the chosen samples'
 gradient is added to the group's accumulator. ``global``-scope sets retain the scores of every
-layer and decide once, after the backward (:meth:`finish_global`).
+layer and decide once, after the backward (:meth:`finish_global`). With ``global_memory='retain'``
+they also retain every layer's factors and assemble from them; with ``'recompute'`` they keep only
+the scores, and the passes run the backward a second time (``step.second_pass``), in which each
+group assembles the chosen samples from its recomputed factors as soon as they are in.
 """
 from __future__ import annotations
 
@@ -73,8 +76,22 @@ class Pipeline:
     def _complete(self, group: LayerGroup) -> None:
         if self.step.mode == "capture":
             self._capture_group(group)
+        elif self.step.second_pass:
+            mask, full_mask = self.step.global_choice
+            self._assemble(group, group.take_pending(), mask, None, full_mask)
         else:
             self._process_group(group)
+
+    @property
+    def recomputes_global(self) -> bool:
+        """Does a selecting backward run twice (global scope, ``global_memory='recompute'``)?"""
+        return self.options.decision_scope == "global" and self.options.global_memory == "recompute"
+
+    def begin_second_pass(self) -> None:
+        """The backward over the same graph again: every group waits for its calls' factors anew."""
+        self.step.second_pass = True
+        for g in self.groups:
+            g.pending, g.received = [], 0
 
     def flush_pending(self) -> None:
         """Groups whose every forward call did not reach the loss (e.g. a module called twice with
@@ -144,6 +161,8 @@ class Pipeline:
             needs_gram = selection.SELECTIONS[self.options.feasible_set].needs_gram
             gram = group.gram(cfg, parts, backend) if needs_gram else None
         if self.options.decision_scope == "global":
+            if self.recomputes_global:   # the factors are recomputed by the second backward
+                parts = per_sample = None
             step.retained.append((group, parts, normed, gram, per_sample))
             return
         with self.phase("selection"):
@@ -166,9 +185,12 @@ class Pipeline:
         self.last_global_scores = total
         with self.phase("selection"):
             mask, full_mask = self.reduction.choose(self, total, gram, -1)
+        self.last_global_mask = mask
+        if self.recomputes_global:
+            self.step.global_choice = (mask, full_mask)
+            return
         for group, parts, _, _, per_sample in retained:
             self._assemble(group, parts, mask, per_sample, full_mask)
-        self.last_global_mask = mask
 
     # ------------------------------------------------------------------ accumulate
     def _assemble(self, group, parts, mask, per_sample=None, full_mask=None) -> None:

@@ -60,6 +60,10 @@ class StepState:
         self.plain_acc: dict = {}      # raw token-sum gradients of the unscored parameters
         self.plain_tokens: torch.Tensor | None = None
         self.retained: list = []       # global scope: (group, parts, normalised scores, gram, per_sample)
+        # global_memory='recompute': the one decision (mask, full mask) taken after the first backward,
+        # applied by the second backward over the same graph (``second_pass``), group by group
+        self.global_choice = None
+        self.second_pass = False
         self.skip = False              # a non-finite loss was seen (one process, nonfinite='skip')
         self.bad_loss: str | None = None   # distributed: which non-finite loss this rank saw
         self.tags_ok = None            # distributed: did every score gather pair the same layers?

@@ -39,9 +39,13 @@ CASES.update({
                                          score_norm="per_token"),
     "standard": dict(feasible_set="standard"),
     "target_only": dict(feasible_set="target_only"),
+    "global-recompute-merged": dict(feasible_set="global", global_memory="recompute"),
+    "filter-global-recompute-separate": dict(feasible_set="filter", scope="global", target_strategy="separate",
+                                             global_memory="recompute"),
 })
 ACCUMULATE = {"layerwise-accumulate": dict(feasible_set="layerwise"),
-              "global-accumulate-separate": dict(feasible_set="global", target_strategy="separate")}
+              "global-accumulate-separate": dict(feasible_set="global", target_strategy="separate"),
+              "global-recompute-accumulate": dict(feasible_set="global", global_memory="recompute")}
 # activation checkpointing on the ranks (HF, use_reentrant as given); the reference runs without it
 CHECKPOINTED = {"layerwise-merged-ckpt": (dict(feasible_set="layerwise"), False),
                 "global-separate-ckpt-reentrant": (dict(feasible_set="global", target_strategy="separate"), True)}

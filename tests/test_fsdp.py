@@ -29,12 +29,16 @@ CASES.update({
     "layerwise-refresh2": dict(feasible_set="layerwise", target_strategy="separate", refresh_every=2),
     "standard": dict(feasible_set="standard"),
     "target_only": dict(feasible_set="target_only"),
+    "global-recompute-merged": dict(feasible_set="global", global_memory="recompute"),
+    "filter-global-recompute-separate": dict(feasible_set="filter", scope="global", target_strategy="separate",
+                                             global_memory="recompute"),
 })
 for _kw in CASES.values():
     if _kw.get("scoring") == "sketch":
         _kw["sketch"] = "gaussian-8x8"
 ACCUMULATE = {"layerwise-accumulate": dict(feasible_set="layerwise"),
-              "global-accumulate-separate": dict(feasible_set="global", target_strategy="separate")}
+              "global-accumulate-separate": dict(feasible_set="global", target_strategy="separate"),
+              "global-recompute-accumulate": dict(feasible_set="global", global_memory="recompute")}
 ODD = {"odd-rows-layerwise": dict(feasible_set="layerwise"), "odd-rows-rowwise": dict(feasible_set="rowwise"),
        "odd-rows-global-separate": dict(feasible_set="global", target_strategy="separate")}
 CHECKPOINTED = {"layerwise-merged-ckpt": (dict(feasible_set="layerwise"), False),

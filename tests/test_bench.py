@@ -81,9 +81,36 @@ def test_bench_measures_memory_in_a_process_per_variant(tmp_path):
     assert rows["plain"]["memory_ratio"] == 1.0
 
 
-def test_bench_rejects_a_bad_variant(tmp_path, capsys):
-    assert main(["bench", "--configs", "layerwise:fast", "--out", str(tmp_path), "--no-progress"]) == 2
-    assert "FEASIBLE_SET:SCORING" in capsys.readouterr().err
+def test_bench_live_memory_and_a_recompute_variant(tmp_path):
+    """--memory live: the children's allocator unmaps freed blocks >= 128 KiB; a variant may name its
+    global_memory (FEASIBLE_SET:SCORING:GLOBAL_MEMORY)."""
+    args = ["bench", "--num-layers", "1", "--batch", "2", "--seq", "16", "--reps", "1", "--warmup", "0",
+            "--breakdown-reps", "0", "--configs", "global:auto,global:auto:recompute", "--no-naive",
+            "--out", str(tmp_path), "--no-progress", "--threads", "1", "--memory", "live"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench-B2-T16-V1-fp32-cpu.json").read_text())
+    assert "128 KiB" in report["memory_kind"]
+    rows = {r["config"]: r for r in report["rows"]}
+    for key in ("plain", "global:auto", "global:auto:recompute"):
+        assert rows[key]["memory_note"]["mmap_threshold"] == str(128 * 1024), key
+        assert rows[key]["peak_mb"] > 0
+    assert rows["global:auto:recompute"]["backends"] == rows["global:auto"]["backends"]
+
+
+def test_bench_variant_options():
+    from drpost.bench import variant_options
+
+    assert variant_options("global:auto:recompute") == dict(feasible_set="global", scoring="auto",
+                                                             global_memory="recompute")
+    assert variant_options("layerwise:sketch") == dict(feasible_set="layerwise", scoring="sketch")
+    with pytest.raises(ValueError):
+        variant_options("global")
+
+
+@pytest.mark.parametrize("bad", ["layerwise:fast", "global:auto:twice", "global:auto:recompute:x"])
+def test_bench_rejects_a_bad_variant(tmp_path, capsys, bad):
+    assert main(["bench", "--configs", bad, "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "FEASIBLE_SET:SCORING[:GLOBAL_MEMORY]" in capsys.readouterr().err
 
 
 def test_phase_timer_charges_exclusive_time():

@@ -46,7 +46,7 @@ from drpost import bench_stats
 from drpost.batch import IGNORE_INDEX, causal_lm_token_losses
 from drpost.bench_memory import PeakCUDA, PeakRSS, memory_in_subprocesses, proc_status_kb, reset_peak_rss
 from drpost.bench_report import format_report, write_report
-from drpost.engine.options import DrPostOptions, add_arguments, from_arguments, help_meta
+from drpost.engine.options import GLOBAL_MEMORY, DrPostOptions, add_arguments, from_arguments, help_meta
 from drpost.profiling import PhaseTimer
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "write_report", "add_bench_arguments",
@@ -54,7 +54,7 @@ __all__ = ["BenchConfig", "run_bench", "format_report", "write_report", "add_ben
 
 DEFAULT_CONFIGS = ("layerwise:auto", "layerwise:sketch", "layerwise:pairwise_ghost", "layerwise:reduced_ghost",
                    "layerwise:direct", "global:auto", "rowwise:auto", "filter:auto")
-MEMORY_MODES = ("auto", "subprocess", "inprocess", "off")
+MEMORY_MODES = ("auto", "subprocess", "live", "inprocess", "off")
 # the variants' own: every other DrPostOptions knob applies to every drpost variant
 PER_VARIANT = ("feasible_set", "scoring")
 
@@ -75,13 +75,15 @@ class BenchConfig(DrPostOptions):
     warmup: int = field(default=1, metadata=help_meta("untimed steps per variant first"))
     breakdown_reps: int = field(default=1, metadata=help_meta("extra steps timed per phase (0: no breakdown)"))
     configs: list = field(default_factory=lambda: list(DEFAULT_CONFIGS), metadata=help_meta(
-        "FEASIBLE_SET:SCORING,... to time"))
+        "FEASIBLE_SET:SCORING[:GLOBAL_MEMORY],... to time (e.g. global:auto:recompute)"))
     naive: bool = field(default=True, metadata=help_meta("also time the naive vmap and two-pass alternatives"))
     freeze_embeddings: bool = field(default=False, metadata=help_meta("freeze the (tied) embedding"))
     threads: Optional[int] = field(default=None, metadata=help_meta("torch.set_num_threads (None: leave as is)"))
     memory: str = field(default="auto", metadata=help_meta(
         "peak memory: auto = a fresh process per variant on CPU (one warm-up + one measured step; RSS peaks are "
-        "not separable in one process), the allocator peak on CUDA", MEMORY_MODES))
+        "not separable in one process), the allocator peak on CUDA; live = the same, with glibc returning every "
+        "block >= 128 KiB to the system when freed (MALLOC_MMAP_THRESHOLD_), so that the RSS follows the live "
+        "tensors rather than the heap's fragmentation", MEMORY_MODES))
 
     def __post_init__(self):
         self.check()
@@ -102,14 +104,20 @@ class BenchConfig(DrPostOptions):
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("bench: device cuda requested but torch.cuda.is_available() is False")
         for c in self.configs:     # each variant's feasible set and scoring: the engine's own checks
-            parts = c.split(":")
             try:
-                if len(parts) != 2:
-                    raise ValueError(c)
-                dataclasses.replace(self.engine_options(), feasible_set=parts[0], scoring=parts[1])
+                dataclasses.replace(self.engine_options(), **variant_options(c))
             except ValueError:
-                raise ValueError(f"bench: config {c!r} must be FEASIBLE_SET:SCORING with a feasible set in "
-                                 f"{', '.join(fs.FEASIBLE_SETS)} and scoring in {', '.join(BACKENDS)}") from None
+                raise ValueError(f"bench: config {c!r} must be FEASIBLE_SET:SCORING[:GLOBAL_MEMORY] with a feasible "
+                                 f"set in {', '.join(fs.FEASIBLE_SETS)}, scoring in {', '.join(BACKENDS)} and "
+                                 f"global memory in {', '.join(GLOBAL_MEMORY)}") from None
+
+
+def variant_options(config: str) -> dict:
+    """The engine options of one ``configs`` entry, FEASIBLE_SET:SCORING[:GLOBAL_MEMORY]."""
+    parts = config.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(config)
+    return dict(zip(("feasible_set", "scoring", "global_memory"), parts))
 
 
 def _comma_list(text: str) -> list:
@@ -156,7 +164,8 @@ def _memory_child(cfg: BenchConfig, key: str) -> dict:
         import resource
 
         peak, reset = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, False
-    return {"peak_kb": peak, "before_kb": before, "reset": reset}
+    return {"peak_kb": peak, "before_kb": before, "reset": reset,
+            "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
 
 
 # ------------------------------------------------------------------------------------ steps
@@ -238,10 +247,8 @@ class _Bench:
     def reg(self, key: str):
         from drpost import DataRegularizer
 
-        fset, scoring = key.split(":")
         if key not in self.regs:
-            self.regs[key] = DataRegularizer(self.model, self.cfg.engine_options(), feasible_set=fset,
-                                             scoring=scoring)
+            self.regs[key] = DataRegularizer(self.model, self.cfg.engine_options(), **variant_options(key))
             self.regs[key].detach()
         return self.regs[key]
 
@@ -357,13 +364,14 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     peaks = {k: [] for k in keys}
     failed: dict[str, str] = {}
     memory_notes = {}
-    if memory == "subprocess":  # first, while this process holds no model
-        for key, m in memory_in_subprocesses(cfg, keys, progress).items():
+    if memory in ("subprocess", "live"):  # first, while this process holds no model
+        for key, m in memory_in_subprocesses(cfg, keys, progress, live=memory == "live").items():
             if "error" in m:
                 memory_notes[key] = m["error"]
             else:
                 peaks[key] = [m["peak_kb"] * 1024]
-                memory_notes[key] = {"rss_before_step_mb": m["before_kb"] / 1024, "peak_reset": m["reset"]}
+                memory_notes[key] = {"rss_before_step_mb": m["before_kb"] / 1024, "peak_reset": m["reset"],
+                                     "mmap_threshold": m.get("mmap_threshold")}
     bench = _Bench(cfg)
     total = (cfg.warmup + cfg.reps) * len(keys)
     bar = tqdm(total=total, desc="bench", unit="step", disable=not progress, dynamic_ncols=True)
@@ -444,6 +452,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         "trainable_params": n_params,
         "memory_kind": {"allocator": "CUDA allocator peak of a step", "off": "not measured",
                         "subprocess": "peak RSS of one step after a warm-up step, each variant in a fresh process",
+                        "live": "peak RSS of one step after a warm-up step, each variant in a fresh process whose "
+                                "allocator returns every block >= 128 KiB when freed (RSS ~ live tensors)",
                         "inprocess": "process RSS peak sampled in the timing process (monotone on CPU: "
                                      "only the first variant's value is its own)"}.get(
                             memory),

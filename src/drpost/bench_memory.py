@@ -72,8 +72,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def memory_in_subprocesses(cfg, keys: list[str], progress: bool) -> dict:
-    """Peak RSS of one step of every variant, each measured in its own Python process."""
+# glibc: blocks at least this large are mmapped and unmapped on free (the default threshold grows up to
+# 32 MiB, so freed activation-sized blocks stay in the heap and count in the RSS until reused)
+LIVE_MMAP_THRESHOLD = 128 * 1024
+
+
+def memory_in_subprocesses(cfg, keys: list[str], progress: bool, live: bool = False) -> dict:
+    """Peak RSS of one step of every variant, each measured in its own Python process. ``live``: the
+    child's allocator returns every block >= 128 KiB to the system when freed, so that its RSS follows
+    the live tensors (as CUDA's allocator peak does) rather than the heap's fragmentation."""
     import subprocess
     import sys
 
@@ -82,8 +89,9 @@ def memory_in_subprocesses(cfg, keys: list[str], progress: bool) -> dict:
     out = {}
     for key in tqdm(keys, desc="memory", unit="variant", disable=not progress, dynamic_ncols=True):
         payload = json.dumps({"cfg": asdict(cfg), "key": key})
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(LIVE_MMAP_THRESHOLD)) if live else None
         proc = subprocess.run([sys.executable, "-m", "drpost.bench", "--memory-child"], input=payload,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             out[key] = {"error": f"memory subprocess failed (exit {proc.returncode}): {tail[:200]}"}

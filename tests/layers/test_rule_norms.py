@@ -31,3 +31,47 @@ def test_norm_rule_lookup():
     assert unscored_rule_for(nn.Sequential(nn.LayerNorm(4))) is None      # not a leaf
     with pytest.raises(ValueError, match="several inputs"):
         unscored_rule_for(ln).capture_input((torch.ones(1), torch.ones(1)), {})
+
+
+class RowMix(nn.Module):
+    """Not row-local: every output row sees the mean of all input rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(0.7, dtype=torch.float64))
+
+    def forward(self, x):
+        return x + self.weight * x.mean(0, keepdim=True) ** 2
+
+
+@pytest.mark.parametrize("module", ["layernorm", "rmsnorm", "rowmix"])
+@pytest.mark.parametrize("needs_input_grad", [True, False])
+def test_row_restricted_backward_is_the_two_products(module, needs_input_grad):
+    """Both paths of RowRestrictedRule.backward (row-local norms: general and target rows separately;
+    any other module: two products over all rows) give the full input gradient and the general rows'
+    parameter gradient, in float64 to rounding."""
+    from drpost.layers import RowRestrictedRule
+
+    torch.manual_seed(3)
+    m = {"layernorm": lambda: nn.LayerNorm(6), "rowmix": RowMix,
+         "rmsnorm": lambda: mt.ExactRMSNorm(nn.Parameter(torch.randn(6)), 1e-6)}[module]().double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    rule = RowRestrictedRule(m)
+    assert rule.row_local == (module != "rowmix")
+    x = torch.randn(5, 3, 6, dtype=torch.float64, requires_grad=needs_input_grad)
+    d = torch.randn(5, 3, 6, dtype=torch.float64)
+    grad_x, grads = rule.backward(x, d, ("cpu", False, torch.bfloat16), 3)
+    xr = x.detach().requires_grad_()
+    y = m(xr)
+    (want_x,) = torch.autograd.grad(y, xr, d, retain_graph=True)
+    dg = d.clone()
+    dg[3:] = 0
+    want = torch.autograd.grad(y, rule.params, dg)
+    if needs_input_grad:
+        assert torch.allclose(grad_x, want_x, rtol=1e-12, atol=1e-12)
+    else:
+        assert grad_x is None
+    for p, w in zip(rule.params, want):
+        assert torch.allclose(grads[p], w, rtol=1e-12, atol=1e-12)

@@ -24,6 +24,7 @@ import torch
 
 from ..batch import merge_batches, require_supervised, row_losses
 from ..group import add_into
+from ..layers.linear import INPUT_GRAMS
 from ..packing import FLASH_KEYS, layout_of
 
 
@@ -72,6 +73,7 @@ class Passes:
                 loss.backward(retain_graph=retain_graph)
         finally:
             step.in_backward = False
+            INPUT_GRAMS.clear()    # it would keep the last scored input alive
             out = {}
             for p in params:
                 g, p.grad = p.grad, old[p]

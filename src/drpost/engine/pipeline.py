@@ -18,6 +18,7 @@ import torch
 
 from .. import feasible as fs
 from ..group import LayerGroup, add_into
+from ..layers.linear import INPUT_GRAMS
 from ..scoring import cache_reader
 from ..scoring.auto import Measure
 from . import selection
@@ -100,6 +101,7 @@ class Pipeline:
             if group.pending:
                 group.calls = len(group.pending)
                 self._complete(group)
+        INPUT_GRAMS.clear()
 
     def check_recomputed(self) -> None:
         """After a backward whose forward ran scored modules with autograd off (the first forward

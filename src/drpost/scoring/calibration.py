@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ..layers import Factors
+from ..layers.linear import INPUT_GRAMS
 
 REPS = 5
 _MEMORY: dict[str, dict[str, float]] = {}
@@ -161,7 +162,7 @@ def measure(rule, candidates: list[str], b: int, v: int, s: int, k: int, dtype: 
 
     gen, tgt = factors(b), factors(v)
     timings = {}
-    with torch.no_grad():
+    with torch.no_grad(), INPUT_GRAMS.disabled():   # each candidate timed on its own work
         for name in candidates:
             run, build = _kernels(rule, name, gen, tgt, min(k, gen.n), target_share)
             seconds = _median_seconds(run, device)

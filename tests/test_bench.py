@@ -32,6 +32,12 @@ def test_bench_runs_and_writes_its_tables(tmp_path, capsys):
     assert {"forward", "backward", "scoring", "selection", "weight_grad", "assembly", "optimizer"} <= set(
         rows["layerwise:auto"]["breakdown_s"])
     assert {"activation_backward", "weight_grad", "forward", "optimizer"} <= set(rows["plain"]["breakdown_s"])
+    # per layer type: every scored layer type's scoring and chosen-gradient time, adding up to the phase totals
+    by_type = rows["layerwise:auto"]["breakdown_by_layer_type_s"]
+    assert {"linear q_proj", "linear down_proj", "tied"} <= set(by_type["scoring"]), sorted(by_type["scoring"])
+    for phase in ("scoring", "weight_grad"):
+        assert sum(by_type[phase].values()) == pytest.approx(rows["layerwise:auto"]["breakdown_s"][phase])
+    assert "By layer type" in text and "| linear q_proj |" in text
     assert "Breakdown" in capsys.readouterr().out
     # pair ratios (step i over plain step i) for wall and CPU time, and the ranking verdict
     assert len(report["times"]["plain"]) == len(report["cpu_times"]["plain"]) == 3
@@ -189,3 +195,17 @@ def test_bench_flags_are_the_config_fields():
                                                  score_norm="cosine")
     defaults = bench_config_from_arguments(parser.parse_args([]))
     assert defaults == BenchConfig()
+
+
+def test_layer_types_of_the_breakdown():
+    import models_tiny as mt
+    from drpost.engine.pipeline import layer_type
+
+    reg = DataRegularizer(mt.llama_lora(seed=5), feasible_set="layerwise")
+    types = {layer_type(g) for g in reg._pipeline.groups}
+    reg.detach()
+    assert types == {"linear q_proj.lora_A", "linear q_proj.lora_B", "linear v_proj.lora_A", "linear v_proj.lora_B"}
+    reg = DataRegularizer(mt.llama(tied=True, seed=1), feasible_set="layerwise")
+    types = {layer_type(g) for g in reg._pipeline.groups}
+    reg.detach()
+    assert "tied" in types and "linear gate_proj" in types

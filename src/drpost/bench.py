@@ -404,6 +404,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     bar.close()
 
     breakdown: dict[str, dict] = {}
+    by_kind: dict[str, dict] = {}
     for key in keys:
         if key in failed or cfg.breakdown_reps == 0:
             continue
@@ -412,6 +413,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         for _ in range(cfg.breakdown_reps):
             _variant(bench, key)(timer)
         breakdown[key] = {k: v / cfg.breakdown_reps for k, v in timer.seconds.items()}
+        by_kind[key] = {ph: {k: v / cfg.breakdown_reps for k, v in kinds.items()} for ph, kinds in timer.by_kind.items()}
     bench.activate("plain")
     if "plain" in breakdown and cfg.breakdown_reps:
         act = statistics.median(bench.activation_backward_only() for _ in range(cfg.breakdown_reps))
@@ -439,6 +441,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                      "peak_mb": max(peaks[key]) / 2 ** 20 if peaks[key] else float("nan"),
                      "memory_ratio": max(peaks[key]) / base_m if peaks[key] else float("nan"),
                      "memory_note": memory_notes.get(key), "backends": used, "breakdown_s": breakdown.get(key, {}),
+                     "breakdown_by_layer_type_s": by_kind.get(key, {}),
                      "backend_reasons": _reasons_by_choice(bench.backends.get(key, {}),
                                                            bench.backend_reasons.get(key, {}))})
     n_params = sum(p.numel() for p in bench.params)

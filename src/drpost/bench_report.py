@@ -50,7 +50,26 @@ def format_report(report: dict) -> str:
                 continue
             cells = ["" if p not in bd else f"{bd[p] * 1e3:.0f}" for p in phases]
             lines.append(f"| {r['config']} | " + " | ".join(cells) + f" | {sum(bd.values()) * 1e3:.0f} |")
+    lines += _by_layer_type_lines(report)
     return "\n".join(lines)
+
+
+def _by_layer_type_lines(report: dict) -> list[str]:
+    """Scoring and chosen-gradient time per layer type (summed over the model's layers of that type)."""
+    rows = [r for r in report["rows"] if r.get("breakdown_by_layer_type_s")]
+    if not rows:
+        return []
+    kinds = sorted({k for r in rows for ph in r["breakdown_by_layer_type_s"].values() for k in ph})
+    lines = ["", "By layer type (ms per step, summed over the layers of that type; scoring / weight_grad):", "",
+             "| layer type | " + " | ".join(r["config"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    for k in kinds:
+        cells = []
+        for r in rows:
+            bk = r["breakdown_by_layer_type_s"]
+            sc, wg = bk.get("scoring", {}).get(k), bk.get("weight_grad", {}).get(k)
+            cells.append(" / ".join("" if v is None else f"{v * 1e3:.0f}" for v in (sc, wg)))
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _iqr(s: dict | None) -> str:

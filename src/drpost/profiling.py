@@ -4,6 +4,7 @@
     reg.profiler = timer
     reg.backward(general, target)
     timer.seconds  # {"forward": ..., "backward": ..., "scoring": ..., "selection": ..., ...}
+    timer.by_kind  # {"scoring": {"linear q_proj": ..., "tied": ...}, "weight_grad": {...}}
 
 Phases nest (``scoring`` runs inside the autograd backward): each phase is charged its
 *exclusive* time, so the parts add up to the total and ``backward`` is what the backward pass
@@ -27,6 +28,7 @@ class PhaseTimer:
     def __init__(self, sync: bool = False):
         self.sync = sync and torch.cuda.is_available()
         self.seconds: dict[str, float] = defaultdict(float)
+        self.by_kind: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._stack: list[list] = []  # [name, start, child seconds]
 
     def _now(self) -> float:
@@ -35,7 +37,9 @@ class PhaseTimer:
         return time.perf_counter()
 
     @contextmanager
-    def phase(self, name: str):
+    def phase(self, name: str, kind: str | None = None):
+        """Charge the block's exclusive time to ``name`` (and, given a layer ``kind``, to
+        ``by_kind[name][kind]`` as well)."""
         self._stack.append([name, self._now(), 0.0])
         try:
             yield
@@ -43,9 +47,12 @@ class PhaseTimer:
             _, start, children = self._stack.pop()
             elapsed = self._now() - start
             self.seconds[name] += elapsed - children
+            if kind is not None:
+                self.by_kind[name][kind] += elapsed - children
             if self._stack:
                 self._stack[-1][2] += elapsed
 
     def reset(self) -> None:
         self.seconds = defaultdict(float)
+        self.by_kind = defaultdict(lambda: defaultdict(float))
         self._stack = []

@@ -25,6 +25,17 @@ from . import selection
 from .state import StepState, TargetState
 
 
+def layer_type(group: LayerGroup) -> str:
+    """What a group is, for the per-layer-type breakdown: 'tied' (a weight used by several modules),
+    else its rule kind and the module's own name ('linear q_proj', 'linear q_proj.lora_A', 'embedding')."""
+    if group.multi_use:
+        return "tied"
+    parts = [p for p in group.names[0].split(".") if p != "default" and not p.isdigit()]
+    tail = ".".join(parts[-2:]) if parts and parts[-1].startswith("lora_") else (parts[-1] if parts else "")
+    kind = group.rules[0].kind
+    return kind if kind == "embedding" else f"{kind} {tail}"
+
+
 class Pipeline:
     """The sink of the hooks (see :class:`drpost.engine.hooks.Sink`) and the per-layer work."""
 
@@ -42,8 +53,11 @@ class Pipeline:
         self.layer_backend_reasons: dict = {}
 
     # ------------------------------------------------------------------ what the hooks use
-    def phase(self, name: str):
-        return nullcontext() if self.profiler is None else self.profiler.phase(name)
+    def phase(self, name: str, group: LayerGroup | None = None):
+        """A profiled phase (``drpost bench``), charged to ``group``'s layer type too when given."""
+        if self.profiler is None:
+            return nullcontext()
+        return self.profiler.phase(name, None if group is None else layer_type(group))
 
     def new_step(self) -> None:
         """The one place a step's state is created: at start-up, after every finalize and after an error."""
@@ -144,7 +158,7 @@ class Pipeline:
         cfg, parts, step = self.scoring_cfg, group.take_pending(), self.step
         rows = self.options.feasible_set == "rowwise"
         shape = self._shape(parts[0][1].a.shape[1])
-        with self.phase("scoring"):
+        with self.phase("scoring", group):
             measure = self._measure(parts[0][1])
             if step.mode == "merged":
                 backend = group.backend(cfg, parts[0][0], *shape, measure)
@@ -199,7 +213,7 @@ class Pipeline:
         """The chosen samples' gradient of one group (summed into its accumulator). ``full_mask``
         (distributed) is the mask over every rank's samples: this rank's share of a global top-k
         has no fixed size, so the chosen rows are weighted instead of gathered."""
-        with self.phase("weight_grad"):
+        with self.phase("weight_grad", group):
             self.last_masks[group.name] = mask
             tokens = self.step.tokens_general
             shown = mask if full_mask is None else full_mask

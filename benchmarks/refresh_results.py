@@ -14,13 +14,14 @@ the same data draw). Differences are paired by seed (drpost.stats: paired t-test
 from __future__ import annotations
 
 import csv
-import math
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from drpost import stats  # noqa: E402
+from rl_results import _fmt, _mean_se  # noqa: E402
 
 SETTINGS = {"merged": "spectrum-sft_bbc_category", "separate, refresh 1": "spectrum-sft_bbc_category-separate-refresh1",
             "separate, refresh 4": "spectrum-sft_bbc_category-separate-refresh4"}
@@ -39,13 +40,6 @@ def load(name: str) -> dict[int, dict]:
         return {int(r["seed"]): r for r in csv.DictReader(f) if r["method"] == "layerwise" and r["frac"] == "0.5"}
 
 
-def _mean_se(values: list[float]) -> str:
-    n = len(values)
-    mean = sum(values) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
-    return f"{mean:.3f} ± {se:.3f}"
-
-
 def report() -> str:
     runs = {label: load(name) for label, name in SETTINGS.items()}
     lines = ["# Layerwise with a cached target: what `refresh_every` costs", "",
@@ -60,7 +54,7 @@ def report() -> str:
         if not by_seed:
             lines.append(f"| {label} | 0 | " + " | ".join("" for _ in METRICS) + " |")
             continue
-        cells = [_mean_se([float(r[key]) for r in by_seed.values()]) for key, _, _ in METRICS]
+        cells = [_fmt(*_mean_se([float(r[key]) for r in by_seed.values()])[:2]) for key, _, _ in METRICS]
         lines.append(f"| {label} | {len(by_seed)} | " + " | ".join(cells) + " |")
     lines += ["", "Paired by seed (a - b; verdict only at p < 0.05):", "",
               "| a - b | metric | n | mean | SE | p | verdict |", "|---|---|---|---|---|---|---|"]

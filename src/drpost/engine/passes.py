@@ -24,7 +24,6 @@ import torch
 
 from ..batch import merge_batches, require_supervised, row_losses
 from ..group import add_into
-from ..layers.linear import INPUT_GRAMS
 from ..packing import FLASH_KEYS, layout_of
 
 
@@ -73,7 +72,6 @@ class Passes:
                 loss.backward(retain_graph=retain_graph)
         finally:
             step.in_backward = False
-            INPUT_GRAMS.clear()    # it would keep the last scored input alive
             out = {}
             for p in params:
                 g, p.grad = p.grad, old[p]
@@ -115,7 +113,7 @@ class Passes:
             self._backward_aside(loss, self.att.plain_params)
             pipeline.flush_pending()
         finally:
-            pipeline.step.second_pass, pipeline.step.global_choice = False, None
+            pipeline.step.global_choice = None
 
     # ------------------------------------------------------------------ the passes
     def plain(self, general: dict, target: dict | None) -> None:

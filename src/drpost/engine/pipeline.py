@@ -64,6 +64,7 @@ class Pipeline:
         for g in self.groups:
             g.reset()
         self.step = StepState()
+        INPUT_GRAMS.clear()
 
     def begin_forward(self, mode, rows: int, n_general: int, n_target: int, layout=None) -> None:
         self.step.begin_forward(mode, rows, n_general, n_target, layout)
@@ -104,7 +105,6 @@ class Pipeline:
 
     def begin_second_pass(self) -> None:
         """The backward over the same graph again: every group waits for its calls' factors anew."""
-        self.step.second_pass = True
         for g in self.groups:
             g.pending, g.received = [], 0
 
@@ -115,7 +115,7 @@ class Pipeline:
             if group.pending:
                 group.calls = len(group.pending)
                 self._complete(group)
-        INPUT_GRAMS.clear()
+        INPUT_GRAMS.clear()   # the end of a backward's scoring: keep no input alive past it
 
     def check_recomputed(self) -> None:
         """After a backward whose forward ran scored modules with autograd off (the first forward

@@ -63,7 +63,6 @@ class StepState:
         # global_memory='recompute': the one decision (mask, full mask) taken after the first backward,
         # applied by the second backward over the same graph (``second_pass``), group by group
         self.global_choice = None
-        self.second_pass = False
         self.skip = False              # a non-finite loss was seen (one process, nonfinite='skip')
         self.bad_loss: str | None = None   # distributed: which non-finite loss this rank saw
         self.tags_ok = None            # distributed: did every score gather pair the same layers?
@@ -80,6 +79,11 @@ class StepState:
         self.mode, self.rows, self.n_general, self.n_target = mode, rows, n_general, n_target
         self.layout = layout
         self.in_backward, self.grad_off = False, False
+
+    @property
+    def second_pass(self) -> bool:
+        """Is the running backward global_memory='recompute''s second one (the decision is taken)?"""
+        return self.global_choice is not None
 
     def add_plain_tokens(self, tokens: torch.Tensor) -> None:
         self.plain_tokens = tokens if self.plain_tokens is None else self.plain_tokens + tokens

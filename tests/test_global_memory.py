@@ -126,13 +126,16 @@ def test_recompute_retains_scores_only_and_runs_two_backwards():
 
 
 def test_layer_scope_ignores_the_option():
-    """A per-layer set has nothing to recompute: one backward, the same update."""
+    """A per-layer set has nothing to recompute: one backward, the same update, and a warning that the
+    option does nothing here."""
     case = get_case("gpt2")
     ref = run(case.fresh(), case.general, case.target, "layerwise")
-    reg = make_reg(case.fresh(), "layerwise", global_memory="recompute")
+    with pytest.warns(UserWarning, match="global_memory='recompute' has no effect with feasible_set='layerwise'"):
+        reg = make_reg(case.fresh(), "layerwise", global_memory="recompute")
     assert not reg._pipeline.recomputes_global
     reg.detach()
-    got = run(case.fresh(), case.general, case.target, "layerwise", global_memory="recompute")
+    with pytest.warns(UserWarning, match="has no effect"):
+        got = run(case.fresh(), case.general, case.target, "layerwise", global_memory="recompute")
     same_grads(got[0], ref[0], "layerwise with global_memory=recompute")
 
 

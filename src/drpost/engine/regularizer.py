@@ -84,6 +84,10 @@ class DataRegularizer:
                                     or opts.scoring == "pairwise_ghost",
                                     factor_cache=opts.target_strategy == "separate" and opts.scoring == "auto")
         self._warned: set = set()
+        if opts.global_memory == "recompute" and not (opts.selects and opts.decision_scope == "global"):
+            self._warn(f"drpost: global_memory='recompute' has no effect with feasible_set={opts.feasible_set!r} "
+                       f"(decision scope {opts.decision_scope!r}): only global-scope sets retain factors until "
+                       "the end of the backward; such a set already keeps a per-layer set's memory")
         self._generator = torch.Generator().manual_seed(opts.seed)
         self.steps_finalized = 0         # optimisation steps finished by this regularizer (error messages)
         self._target = TargetState()

@@ -103,6 +103,21 @@ def test_bench_live_memory_and_a_recompute_variant(tmp_path):
     assert rows["global:auto:recompute"]["backends"] == rows["global:auto"]["backends"]
 
 
+def test_bench_with_activation_checkpointing(tmp_path):
+    """--gradient-checkpointing: every decoder layer checkpointed for every variant, named in the report."""
+    args = ["bench", "--num-layers", "2", "--batch", "2", "--seq", "16", "--reps", "1", "--warmup", "0",
+            "--breakdown-reps", "0", "--configs", "layerwise:auto", "--no-naive", "--out", str(tmp_path),
+            "--no-progress", "--threads", "1", "--memory", "off", "--gradient-checkpointing"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench-B2-T16-V1-fp32-cpu-ckpt.json").read_text())
+    assert report["config"]["gradient_checkpointing"] is True
+    assert "activation checkpointing" in (tmp_path / "bench-B2-T16-V1-fp32-cpu-ckpt.md").read_text()
+    from drpost.bench import BenchConfig, _Bench
+
+    bench = _Bench(BenchConfig(num_layers=2, batch=2, seq=16, gradient_checkpointing=True, configs=["layerwise:auto"]))
+    assert getattr(bench.model, "is_activation_checkpointing", None) or bench.model.is_gradient_checkpointing
+
+
 def test_bench_variant_options():
     from drpost.bench import variant_options
 

@@ -78,6 +78,8 @@ class BenchConfig(DrPostOptions):
         "FEASIBLE_SET:SCORING[:GLOBAL_MEMORY],... to time (e.g. global:auto:recompute)"))
     naive: bool = field(default=True, metadata=help_meta("also time the naive vmap and two-pass alternatives"))
     freeze_embeddings: bool = field(default=False, metadata=help_meta("freeze the (tied) embedding"))
+    gradient_checkpointing: bool = field(default=False, metadata=help_meta(
+        "Hugging Face activation checkpointing of every decoder layer (use_reentrant=False) for every variant"))
     threads: Optional[int] = field(default=None, metadata=help_meta("torch.set_num_threads (None: leave as is)"))
     memory: str = field(default="auto", metadata=help_meta(
         "peak memory: auto = a fresh process per variant on CPU (one warm-up + one measured step; RSS peaks are "
@@ -169,6 +171,15 @@ def _memory_child(cfg: BenchConfig, key: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ steps
+def enable_checkpointing(model) -> None:
+    """HF activation checkpointing of every decoder layer, non-reentrant (``activation_checkpointing_enable``
+    where transformers has it, its older name ``gradient_checkpointing_enable`` otherwise)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _batch(vocab: int, n: int, t: int, gen: torch.Generator, device) -> dict:
     """Exactly-T-token rows (no padding); the first quarter of each row is an unsupervised prompt."""
     ids = torch.randint(0, vocab, (n, t), generator=gen)
@@ -190,6 +201,8 @@ class _Bench:
         self.model.train()
         if cfg.freeze_embeddings:
             self.model.get_input_embeddings().weight.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # lr tiny but non-zero: AdamW does its full work without moving the model far
         self.opt = torch.optim.AdamW(self.params, lr=1e-7)

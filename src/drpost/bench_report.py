@@ -19,6 +19,7 @@ def format_report(report: dict) -> str:
             f"B={c['batch']} T={c['seq']} V={c['target']}, {c['dtype']}, {c['device']} "
             f"({report['machine']['threads']} threads), frac {c['frac']}, target {c.get('target_strategy', 'merged')}"
             + (f" (refresh every {c['refresh_every']})" if c.get("target_strategy") == "separate" else "")
+            + (", activation checkpointing (non-reentrant)" if c.get("gradient_checkpointing") else "")
             + f", {c['reps']} timed reps after "
             f"{c['warmup']} warm-up, variants alternated; memory = {report['memory_kind']}")
     lines = [head, "", "| variant | median s | ratio to plain (min-max) | pair ratio, wall: median [IQR] | "
@@ -105,6 +106,8 @@ def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
     stem = f"bench-B{c['batch']}-T{c['seq']}-V{c['target']}-{c['dtype']}-{c['device'].replace(':', '')}"
     if c.get("target_strategy") == "separate":
         stem += f"-separate{c['refresh_every']}"
+    if c.get("gradient_checkpointing"):
+        stem += "-ckpt"
     md, js = out / f"{stem}.md", out / f"{stem}.json"
     md.write_text(format_report(report) + "\n")
     js.write_text(json.dumps(report, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o)))

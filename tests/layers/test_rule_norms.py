@@ -73,3 +73,79 @@ def test_row_restricted_backward(module, needs_input_grad):
         assert grad_x is None
     for p, w in zip(rule.params, want):
         assert torch.allclose(grads[p], w, rtol=1e-12, atol=1e-12)
+
+
+class OnePlusRMSNorm(nn.Module):
+    """Gemma-style RMSNorm (``(1 + weight) * x / rms(x)``): structurally an RMSNorm, not the closed form's."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, dtype=torch.float64))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def _hf_rmsnorm(dim):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm(dim, eps=1e-5)
+
+
+_CLOSED_CASES = [("layernorm", torch.float64, True), ("layernorm", torch.float32, True),
+                 ("layernorm_nobias", torch.float64, True), ("exact_rmsnorm", torch.float64, True),
+                 ("torch_rmsnorm", torch.float64, True), ("hf_rmsnorm", torch.float32, True),
+                 ("hf_rmsnorm", torch.float64, False),   # HF computes in float32: not the float64 closed form
+                 ("one_plus_rmsnorm", torch.float64, False)]
+
+
+@pytest.mark.parametrize("module, dtype, closed, frozen", [c + (None,) for c in _CLOSED_CASES] + [
+    ("layernorm", torch.float64, True, "weight"), ("layernorm", torch.float64, True, "bias")])
+def test_closed_form_norm_gradients(module, dtype, closed, frozen):
+    """RMSNorm / LayerNorm get their gradients in closed form where the formula reproduces the module
+    (checked on a probe); the result equals the recomputed autograd gradients (general rows only for
+    the parameters) to rounding, and a variant the formula does not fit keeps the recomputation."""
+    from drpost.layers import RowRestrictedRule
+    from drpost.layers.norms import ClosedForm
+
+    torch.manual_seed(4)
+    m = {"layernorm": lambda: nn.LayerNorm(6), "layernorm_nobias": lambda: nn.LayerNorm(6, bias=False),
+         "exact_rmsnorm": lambda: mt.ExactRMSNorm(nn.Parameter(torch.randn(6)), 1e-6),
+         "torch_rmsnorm": lambda: nn.RMSNorm(6), "hf_rmsnorm": lambda: _hf_rmsnorm(6),
+         "one_plus_rmsnorm": lambda: OnePlusRMSNorm(6)}[module]().to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    if frozen is not None:
+        getattr(m, frozen).requires_grad_(False)
+    rule = RowRestrictedRule(m)
+    assert rule.closed is not None      # every one of these looks like a norm
+    x = torch.randn(5, 3, 6, dtype=dtype, requires_grad=True) * 3 + 1
+    d = torch.randn(5, 3, 6, dtype=dtype)
+    state = ("cpu", False, torch.bfloat16)
+    grad_x, grads = rule.backward(x, d, state, 3)
+    assert rule._closed_form_holds(x, m.weight, state) is closed
+    want_x, want = rule._autograd(x, d, state, 3)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(grad_x, want_x, rtol=tol, atol=tol)
+    assert set(grads) == set(want) == set(rule.params)
+    for p in rule.params:
+        torch.testing.assert_close(grads[p], want[p], rtol=tol, atol=tol)
+    assert ClosedForm.of(nn.Linear(3, 3)) is None and ClosedForm.of(nn.LayerNorm((2, 3))) is None
+
+
+def test_a_hooked_norm_parameter_keeps_the_recomputation():
+    """A gradient hook on a norm's parameter still runs (the closed form would bypass autograd)."""
+    from drpost.layers import RowRestrictedRule
+
+    m = nn.LayerNorm(6).double()
+    seen = []
+    m.weight.register_hook(lambda g: seen.append(g.shape) or g * 2)
+    rule = RowRestrictedRule(m)
+    x = torch.randn(4, 2, 6, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(4, 2, 6, dtype=torch.float64)
+    _, grads = rule.backward(x, d, ("cpu", False, torch.bfloat16), 2)
+    assert seen == [torch.Size([6])]
+    _, plain = RowRestrictedRule(nn.LayerNorm(6).double()).backward(x, d, ("cpu", False, torch.bfloat16), 2)
+    torch.testing.assert_close(grads[m.weight], 2 * plain[next(iter(plain))], rtol=1e-12, atol=1e-12)

@@ -63,6 +63,18 @@ def cross_scores(rule_g, gen: Factors, rule_t, tgt: Factors, rows: bool) -> torc
     return scatter_rows(val, gen.a, vocab) if rows else val.sum(1)
 
 
+def factors_fit(rules, v: int, s: int) -> bool:
+    """Do V target rows of S tokens take no more memory as the tied weight's factors (the projection's
+    input and output gradient, V S (D + Vocab), plus each lookup's output gradient, V S D) than as the
+    dense [Vocab, D] target? (The separate strategy then caches them, as for a Linear.)"""
+    lin = next((r for r in rules if r.tied_form == TIED_PROJECTION), None)
+    if lin is None:
+        return False
+    o, i = lin.factor_dims()
+    lookups = sum(1 for r in rules if r.tied_form == TIED_LOOKUP)
+    return v * s * (o + i + lookups * i) <= o * i
+
+
 def cost(rules, b: int, v: int, s: int) -> tuple[float, float]:
     """FLOPs of the four ghost terms vs collapsing the target into a dense [Vocab, D] matrix."""
     lin = next((r for r in rules if r.tied_form == TIED_PROJECTION), None)

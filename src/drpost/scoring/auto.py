@@ -104,8 +104,14 @@ def choose_for_group(cfg, rules: list, calls: int, rule, b: int, v: int, s: int,
     (each called once) compare their ghost cost with the dense target's; ``sketch`` applies to
     single-use rules that support it; everything else goes through :func:`choose_backend`."""
     multi_use = len(rules) > 1 or calls > 1
-    if multi_use and cfg.scoring != "reduced_ghost" and cfg.target_factors and calls == len(rules) \
-            and tied.ghostable(rules):
+    tied_ghost = multi_use and cfg.scoring != "reduced_ghost" and calls == len(rules) and tied.ghostable(rules)
+    if tied_ghost and cfg.factor_cache and b == 0:   # separate + auto, at capture: the form the target is cached in
+        if tied.factors_fit(rules, v, s):
+            return "pairwise_ghost", ("tied weight, target cached as factors: they take no more memory than "
+                                      "the dense [Vocab, D] target")
+    elif tied_ghost and measure is not None and measure.cache_kind == "pairwise_ghost":
+        return "pairwise_ghost", "tied weight: the cached target is factors"
+    elif tied_ghost and cfg.target_factors:
         if cfg.scoring == "pairwise_ghost":
             return "pairwise_ghost", "requested (tied: four cross terms from factors)"
         ghost, dense = tied.cost(rules, b, v, s)

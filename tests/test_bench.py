@@ -118,6 +118,24 @@ def test_bench_with_activation_checkpointing(tmp_path):
     assert getattr(bench.model, "is_activation_checkpointing", None) or bench.model.is_gradient_checkpointing
 
 
+def test_bench_amortises_the_separate_strategy_over_whole_refresh_cycles(tmp_path):
+    """--target-strategy separate --refresh-every R: the report adds the ratio of the summed times over
+    the first whole refresh cycles (one target refresh in every R steps), which the pair medians hide."""
+    args = ["bench", "--num-layers", "1", "--batch", "2", "--seq", "16", "--reps", "5", "--warmup", "1",
+            "--breakdown-reps", "0", "--configs", "layerwise:auto", "--no-naive", "--out", str(tmp_path),
+            "--no-progress", "--threads", "1", "--memory", "off", "--target-strategy", "separate",
+            "--refresh-every", "2"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "bench-B2-T16-V1-fp32-cpu-separate2.json").read_text())
+    rows = {r["config"]: r for r in report["rows"]}
+    got, t, c = rows["layerwise:auto"]["cycle_ratio"], report["times"], report["cpu_times"]
+    assert got["steps"] == 4 and got["refresh_every"] == 2
+    assert got["wall"] == pytest.approx(sum(t["layerwise:auto"][:4]) / sum(t["plain"][:4]))
+    assert got["cpu"] == pytest.approx(sum(c["layerwise:auto"][:4]) / sum(c["plain"][:4]))
+    assert rows["plain"]["cycle_ratio"]["wall"] == 1.0
+    assert "Amortised over whole refresh cycles" in (tmp_path / "bench-B2-T16-V1-fp32-cpu-separate2.md").read_text()
+
+
 def test_bench_variant_options():
     from drpost.bench import variant_options
 

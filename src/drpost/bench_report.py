@@ -35,6 +35,12 @@ def format_report(report: dict) -> str:
                      f"{_iqr(r.get('pair_ratio'))} | {_iqr(r.get('cpu_pair_ratio'))} | "
                      f"{r['peak_mb']:.0f} | {r['memory_ratio']:.3f} | {used} |")
     lines += _ranking_lines(report)
+    cycles = [(r["config"], r["cycle_ratio"]) for r in report["rows"] if r.get("cycle_ratio")]
+    if cycles:
+        n, every = cycles[0][1]["steps"], cycles[0][1]["refresh_every"]
+        lines += ["", f"Amortised over whole refresh cycles (the first {n} timed steps, one target refresh in "
+                  f"every {every}): summed time over the plain steps' — "
+                  + "; ".join(f"{k}: CPU time {v['cpu']:.3f}, wall {v['wall']:.3f}" for k, v in cycles) + "."]
     why = [(r["config"], g) for r in report["rows"] if ":auto" in r["config"] or r["config"].endswith("auto")
            for g in r.get("backend_reasons") or []]
     if why:

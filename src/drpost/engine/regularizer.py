@@ -82,7 +82,7 @@ class DataRegularizer:
         scoring_cfg = ScoringConfig(opts.scoring, kind, k1, k2, opts.seed, opts.direct_max_mb * 2 ** 20,
                                     opts.score_norm, target_factors=opts.target_strategy == "merged"
                                     or opts.scoring == "pairwise_ghost",
-                                    factor_cache=opts.target_strategy == "separate" and opts.scoring == "auto")
+                                    factor_cache=opts.target_strategy == "separate" and opts.scoring in ("auto", "sketch"))
         self._warned: set = set()
         if opts.global_memory == "recompute" and not (opts.selects and opts.decision_scope == "global"):
             self._warn(f"drpost: global_memory='recompute' has no effect with feasible_set={opts.feasible_set!r} "

@@ -28,7 +28,8 @@ class ScoringConfig:
     score_norm: str
     target_factors: bool    # may the target side be kept as factors (pairwise ghost)?
     calibrate: bool = False  # auto: time the candidate back-ends per layer shape (scoring/calibration.py)
-    factor_cache: bool = False  # auto + separate: cache a Linear's target as factors where they are no larger
+    factor_cache: bool = False  # separate + auto (a Linear, a tied weight) or sketch (a tied weight): cache the
+    #                             target as factors where they are no larger
 
 
 def add_into(acc: dict, key, g: torch.Tensor, dtype=None) -> None:

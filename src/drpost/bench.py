@@ -339,18 +339,6 @@ class _Bench:
         self._optimizer_step(timer)
 
 
-def _cycle_ratio(cfg: BenchConfig, t, t_plain, c, c_plain) -> dict | None:
-    """Separate strategy with ``refresh_every`` R > 1: the ratio of the summed times over the first
-    whole refresh cycles (n = the largest multiple of R timed steps; any R consecutive steps hold one
-    refresh), i.e. the amortised cost that the median of the pairs, mostly non-refresh steps, hides."""
-    r = cfg.refresh_every
-    if cfg.target_strategy != "separate" or r <= 1 or len(t) < r:
-        return None
-    n = len(t) // r * r
-    return {"steps": n, "refresh_every": r, "wall": sum(t[:n]) / sum(t_plain[:n]),
-            "cpu": sum(c[:n]) / sum(c_plain[:n])}
-
-
 def _reasons_by_choice(backends: dict, reasons: dict) -> list[dict]:
     """The layers of one config grouped by (back-end, why): [{backend, reason, layers, example}]."""
     groups: dict = {}
@@ -463,7 +451,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                      "ratio_min_max": [min(times[key]) / base_t, max(times[key]) / base_t],
                      "pair_ratio": bench_stats.summary(bench_stats.pair_ratios(times[key], times["plain"])),
                      "cpu_pair_ratio": bench_stats.summary(bench_stats.pair_ratios(cpu[key], cpu["plain"])),
-                     "cycle_ratio": _cycle_ratio(cfg, times[key], times["plain"], cpu[key], cpu["plain"]),
+                     "cycle_ratio": bench_stats.cycle_ratio(
+                         cfg.refresh_every if cfg.target_strategy == "separate" else 1,
+                         times[key], times["plain"], cpu[key], cpu["plain"]),
                      "peak_mb": max(peaks[key]) / 2 ** 20 if peaks[key] else float("nan"),
                      "memory_ratio": max(peaks[key]) / base_m if peaks[key] else float("nan"),
                      "memory_note": memory_notes.get(key), "backends": used, "breakdown_s": breakdown.get(key, {}),

@@ -49,3 +49,15 @@ def rank(rows: dict[str, dict]) -> tuple[list[tuple[str, str]], list[tuple[str, 
 def too_noisy(s: dict, limit: float = 0.10) -> bool:
     """The IQR is wider than ``limit`` of the median (a single ratio says little then)."""
     return s["n"] > 1 and (s["q3"] - s["q1"]) > limit * abs(s["median"])
+
+
+def cycle_ratio(every: int, t, t_plain, c, c_plain) -> dict | None:
+    """The separate strategy with ``refresh_every`` = ``every`` > 1: the ratio of the summed wall and CPU
+    times over the first whole refresh cycles (n = the largest multiple of ``every`` timed steps; any
+    ``every`` consecutive steps hold one refresh), i.e. the amortised cost that the median of the pairs,
+    mostly non-refresh steps, hides. None when there is no cycle to amortise over."""
+    if every <= 1 or len(t) < every:
+        return None
+    n = len(t) // every * every
+    return {"steps": n, "refresh_every": every, "wall": sum(t[:n]) / sum(t_plain[:n]),
+            "cpu": sum(c[:n]) / sum(c_plain[:n])}

@@ -212,7 +212,8 @@ class Pipeline:
     def _assemble(self, group, parts, mask, per_sample=None, full_mask=None) -> None:
         """The chosen samples' gradient of one group (summed into its accumulator). ``full_mask``
         (distributed) is the mask over every rank's samples: this rank's share of a global top-k
-        has no fixed size, so the chosen rows are weighted instead of gathered."""
+        has no fixed size, so (as for ``filter``) its rows are gathered on CPU and weighted on a GPU,
+        where finding them would sync the device."""
         with self.phase("weight_grad", group):
             self.last_masks[group.name] = mask
             tokens = self.step.tokens_general
@@ -225,6 +226,10 @@ class Pipeline:
                 idx = torch.sort(mask.to(torch.uint8), descending=True, stable=True).indices[:k]
             elif selection.keeps_all(self.options, shown):
                 weights = None     # k == B: every sample
+            elif mask.dim() == 1 and mask.device.type == "cpu":
+                # a subset of no fixed size (filter; this rank's share of a global top-k): gathered too
+                # where finding its rows needs no device sync (on a GPU they stay weighted)
+                idx = mask.nonzero().flatten()
             count = group.accumulate(parts, weights, idx, per_sample, tokens)
             # distributed: the number chosen over all ranks (known from the gathered mask); tokens are this rank's
             stats = self.step.stats

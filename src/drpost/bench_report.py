@@ -35,7 +35,7 @@ def format_report(report: dict) -> str:
                      f"{_iqr(r.get('pair_ratio'))} | {_iqr(r.get('cpu_pair_ratio'))} | "
                      f"{r['peak_mb']:.0f} | {r['memory_ratio']:.3f} | {used} |")
     lines += _ranking_lines(report)
-    cycles = [(r["config"], r["cycle_ratio"]) for r in report["rows"] if r.get("cycle_ratio")]
+    cycles = [(r["config"], r["cycle_ratio"]) for r in report["rows"] if r.get("cycle_ratio") and r["config"] != "plain"]
     if cycles:
         n, every = cycles[0][1]["steps"], cycles[0][1]["refresh_every"]
         lines += ["", f"Amortised over whole refresh cycles (the first {n} timed steps, one target refresh in "

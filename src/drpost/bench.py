@@ -171,15 +171,6 @@ def _memory_child(cfg: BenchConfig, key: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------ steps
-def enable_checkpointing(model) -> None:
-    """HF activation checkpointing of every decoder layer, non-reentrant (``activation_checkpointing_enable``
-    where transformers has it, its older name ``gradient_checkpointing_enable`` otherwise)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def _batch(vocab: int, n: int, t: int, gen: torch.Generator, device) -> dict:
     """Exactly-T-token rows (no padding); the first quarter of each row is an unsupervised prompt."""
     ids = torch.randint(0, vocab, (n, t), generator=gen)
@@ -191,7 +182,7 @@ def _batch(vocab: int, n: int, t: int, gen: torch.Generator, device) -> dict:
 
 class _Bench:
     def __init__(self, cfg: BenchConfig):
-        from drpost.models import load_model
+        from drpost.models import enable_activation_checkpointing, load_model
 
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
@@ -202,7 +193,7 @@ class _Bench:
         if cfg.freeze_embeddings:
             self.model.get_input_embeddings().weight.requires_grad_(False)
         if cfg.gradient_checkpointing:
-            enable_checkpointing(self.model)
+            enable_activation_checkpointing(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # lr tiny but non-zero: AdamW does its full work without moving the model far
         self.opt = torch.optim.AdamW(self.params, lr=1e-7)

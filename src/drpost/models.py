@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SMOLLM2_GGUF", "smollm2_path", "load_model", "ModelNotAvailableError"]
+__all__ = ["SMOLLM2_GGUF", "smollm2_path", "load_model", "enable_activation_checkpointing", "ModelNotAvailableError"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = (
@@ -223,3 +223,13 @@ def load_model(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def enable_activation_checkpointing(model, reentrant: bool = False) -> None:
+    """Hugging Face activation checkpointing of every decoder layer (``use_reentrant=reentrant``):
+    ``activation_checkpointing_enable`` where transformers has it, its older name
+    ``gradient_checkpointing_enable`` otherwise."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})

@@ -34,8 +34,9 @@ class ClosedForm:
       ``dbias = sum d``.
     """
 
-    def __init__(self, kind: str, eps: float):
-        self.kind, self.eps = kind, float(eps)
+    def __init__(self, kind: str, eps: float | None):
+        self.kind = kind
+        self.eps = None if eps is None else float(eps)   # None: the input dtype's machine epsilon
 
     @staticmethod
     def of(module: torch.nn.Module) -> "ClosedForm | None":
@@ -48,7 +49,7 @@ class ClosedForm:
         if "rmsnorm" in name and own == {"weight"}:
             eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
             if eps is None:    # torch.nn.RMSNorm(eps=None): the dtype's machine epsilon (resolved per call)
-                return ClosedForm("rms", float("nan")) if isinstance(module, getattr(torch.nn, "RMSNorm", ())) else None
+                return ClosedForm("rms", None) if isinstance(module, getattr(torch.nn, "RMSNorm", ())) else None
             return ClosedForm("rms", eps) if isinstance(eps, (int, float)) else None
         if isinstance(module, torch.nn.LayerNorm) and len(module.normalized_shape) == 1 and own <= {"weight", "bias"}:
             return ClosedForm("layer", module.eps)
@@ -59,7 +60,7 @@ class ClosedForm:
         dt = torch.promote_types(x.dtype, torch.float32)
         with torch.no_grad():
             xf, df, w = x.detach().to(dt), d.to(dt), weight.detach().to(dt)
-            eps = torch.finfo(x.dtype).eps if self.eps != self.eps else self.eps
+            eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
             if self.kind == "layer":
                 xf = xf - xf.mean(-1, keepdim=True)
             r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from drpost.config import Config, config_to_dict, load_config
+from drpost.models import enable_activation_checkpointing
 
 __all__ = ["RunDirError", "DiskFullError", "DTYPES", "RESUME_FIXED", "RESUME_FIXED_TRAIN", "check_run_dir",
            "make_run_dir", "timestamped_dir", "check_resume_compatible", "last_checkpoint", "prepare_trainable",
@@ -126,7 +127,7 @@ def enable_checkpointing(model, cfg: Config) -> None:
     t = cfg.train
     if t.gradient_checkpointing:
         with quiet_peft():
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": t.checkpoint_reentrant})
+            enable_activation_checkpointing(model, t.checkpoint_reentrant)
 
 
 @contextmanager

@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--configs", default="layerwise,global")
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--breakdown-reps", type=int, default=1,
+                    help="extra steps per drpost variant timed per phase on rank 0 (0: none)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "performance"))
     args = ap.parse_args()
 
@@ -133,6 +135,18 @@ def main() -> None:
                 times[key].append(time.perf_counter() - t0)
                 if key in waits:
                     waits[key].append(dict(blocked, step=t1 - t0))
+    # where the drpost steps' time goes, per phase (exclusive seconds; "other" = outside every phase)
+    from drpost.profiling import PhaseTimer
+    phases: dict = {}
+    for key in regs if args.breakdown_reps else ():
+        timer = PhaseTimer()
+        regs[key].profiler = timer
+        for _ in range(args.breakdown_reps):
+            dist.barrier()
+            with timer.phase("other"):
+                reg_step(key)
+        regs[key].profiler = None
+        phases[key] = {k: v / args.breakdown_reps for k, v in timer.seconds.items()}
     if rank == 0:
         base_t = statistics.median(times["ddp"])
         rows = [{"variant": k, "median_s": statistics.median(v), "ratio": statistics.median(v) / base_t,
@@ -163,6 +177,14 @@ def main() -> None:
                   "beyond it; against that step, drpost's distributed overhead is: " + ", ".join(
                       f"{k} {statistics.median(times[k]) - statistics.median(times[k + '-local']):.3f} s over its local "
                       "step" for k in waits if k + "-local" in times) + "."]
+        if phases:
+            names = sorted({n for v in phases.values() for n in v}, key=lambda n: (n == "other", n))
+            lines += ["", f"Breakdown of the drpost steps on rank 0 ({args.breakdown_reps} extra step(s) each, "
+                      "exclusive seconds per phase; `backward` is autograd's own work, `other` the step outside "
+                      "every phase: finalize, collectives' waits, the optimizer):", "",
+                      "| variant | " + " | ".join(names) + " | sum |", "|---|" + "---|" * (len(names) + 1)]
+            lines += [f"| {k} | " + " | ".join(f"{v.get(n, 0.0):.3f}" for n in names) + f" | {sum(v.values()):.3f} |"
+                      for k, v in phases.items()]
         text = "\n".join(lines)
         print(text, flush=True)
         out = Path(args.out)
@@ -170,7 +192,8 @@ def main() -> None:
         stem = f"distributed-R{world}-B{args.batch}-T{args.seq}-{args.dtype}"
         (out / f"{stem}.md").write_text(text + "\n")
         (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "world": world, "rows": rows,
-                                                      "times": times, "blocked": waits}, indent=1))
+                                                      "times": times, "blocked": waits, "phases_s": phases},
+                                                     indent=1))
     for reg in regs.values():
         reg.detach()
     dist.destroy_process_group()

@@ -33,7 +33,7 @@ def _model():
     return mt.llama(tied=True, num_layers=3, seed=3).double()
 
 
-def _run(scope: str, distributed: bool, micro: int = 1):
+def _run(scope: str, distributed: bool, micro: int = 1, window: int | None = None):
     from drpost import DataRegularizer
     from drpost import distributed as _dist
     from drpost.engine.reduce import DistributedReduction
@@ -44,6 +44,8 @@ def _run(scope: str, distributed: bool, micro: int = 1):
     if distributed:
         red = DistributedReduction(_dist.DistContext(dist.group.WORLD, torch.device("cpu")), mt.PAD_ID, reg._warn)
         red.bucket_bytes = 1                      # every parameter its own bucket: launched as soon as final
+        if window is not None:
+            red.decision_window = window          # layerwise choices left open while the backward goes on
         names = {p: n for n, p in m.named_parameters()}
         red.on_launch = lambda params: events.extend(("launch", names[p]) for p in params)
         reg._reduction = reg._pipeline.reduction = red
@@ -61,9 +63,10 @@ def _run(scope: str, distributed: bool, micro: int = 1):
     return events, grads
 
 
-@pytest.mark.parametrize("scope,micro", [("layer", 1), ("layer", 2), ("global", 1)])
-def test_reduction_is_launched_during_the_backward(one_rank_group, scope, micro):
-    events, grads = _run(scope, distributed=True, micro=micro)
+@pytest.mark.parametrize("scope,micro,window", [("layer", 1, 0), ("layer", 2, 0), ("layer", 1, None),
+                                                ("layer", 1, 3), ("global", 1, None)])
+def test_reduction_is_launched_during_the_backward(one_rank_group, scope, micro, window):
+    events, grads = _run(scope, distributed=True, micro=micro, window=window)
     _, ref = _run(scope, distributed=False, micro=micro)
     assert grads.keys() == ref.keys()
     for n in ref:
@@ -78,9 +81,14 @@ def test_reduction_is_launched_during_the_backward(one_rank_group, scope, micro)
     last_layer = [n for n in launched if n.startswith("model.layers.2.") and "proj" in n]
     first_layer = [n for n in launched if n.startswith("model.layers.0.") and "proj" in n]
     assert last_layer and first_layer
-    if scope == "layer":
+    if scope == "layer" and window is not None and window < 7:
         # the last decoder layer's reduction was in flight before the first layer's backward ran
+        # (its 7 choices finished once 7 later groups were scored, at the latest)
         assert all(launched[n] < first_bwd for n in last_layer), events
+    elif scope == "layer":
+        # the default window (8 groups) is wider than this 3-layer model's layers: the last layer's
+        # reduction starts during the backward of the next, before the first layer's
+        assert max(launched[n] for n in last_layer) < min(launched[n] for n in first_layer), events
     else:
         # global: one decision after the backward, then each group's reduction right after its assembly
         assert all(launched[n] > first_bwd for n in last_layer + first_layer), events

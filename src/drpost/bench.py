@@ -22,7 +22,8 @@ one measured step; on CUDA the allocator's peak), and, from
 ``breakdown_reps`` extra steps with a :class:`~drpost.profiling.PhaseTimer`, the time per phase:
 forward, backward (activation gradients and autograd: everything in the backward pass that is not
 drpost's own work), scoring, selection, chosen weight gradient, assembly (``.grad`` writing),
-norm rules, optimizer. For ``plain`` the backward is split into activation backward and weight
+norm rules, optimizer, and other (the step's time outside every named phase: finalize's division
+and ``.grad`` writes, batch merging, zero_grad). For ``plain`` the backward is split into activation backward and weight
 gradient by timing a backward with every weight frozen. Nothing here asserts a time: the numbers
 are for reading.
 """
@@ -415,7 +416,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
         timer = PhaseTimer(sync=bench.device.type == "cuda")
         bench.activate(key)
         for _ in range(cfg.breakdown_reps):
-            _variant(bench, key)(timer)
+            with timer.phase("other"):    # exclusive: the step's time outside every named phase
+                _variant(bench, key)(timer)
         breakdown[key] = {k: v / cfg.breakdown_reps for k, v in timer.seconds.items()}
         by_kind[key] = {ph: {k: v / cfg.breakdown_reps for k, v in kinds.items()} for ph, kinds in timer.by_kind.items()}
     bench.activate("plain")

@@ -9,7 +9,7 @@ from pathlib import Path
 from . import bench_stats
 
 PHASES = ("forward", "backward", "activation_backward", "weight_grad", "scoring", "selection", "norm_rules",
-          "assembly", "optimizer", "pass_1", "pass_2", "per_sample_grads")
+          "assembly", "optimizer", "pass_1", "pass_2", "per_sample_grads", "other")
 
 
 def format_report(report: dict) -> str:

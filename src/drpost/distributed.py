@@ -68,6 +68,9 @@ def collective_timeout() -> float:
     return value
 
 
+_SIDE_GROUPS: dict = {}     # id(default group) -> (that group, its side group for score gathers)
+
+
 class DistContext:
     """The process group drpost's collectives run on, and this process's place in it.
 
@@ -84,6 +87,20 @@ class DistContext:
         self.world = dist.get_world_size(group)
         self.device = device
         self.timeout_s = collective_timeout() if timeout_s is None else float(timeout_s)
+        self.side = group        # the group of the score all-gathers (see use_side_group)
+
+    def use_side_group(self) -> None:
+        """Run the score all-gathers (:meth:`start_all_gather`) on a second gloo group over the same
+        ranks, so that they do not queue behind the gradient all-reduces in flight on the first
+        (gloo runs one group's collectives in order). CPU and the default group only: creating a
+        group is collective over every process, which only the whole world is sure to reach."""
+        if self.device.type != "cpu" or self.group not in (None, dist.group.WORLD):
+            return
+        world = dist.group.WORLD
+        entry = _SIDE_GROUPS.get(id(world))
+        if entry is None or entry[0] is not world:
+            entry = _SIDE_GROUPS[id(world)] = (world, dist.new_group(backend="gloo"))
+        self.side = entry[1]
 
     def _run(self, what: str, start) -> None:
         try:
@@ -123,6 +140,22 @@ class DistContext:
         self._run("all-gather", lambda async_op: _all_gather_single(out, t, group=self.group, async_op=async_op))
         return out
 
+    def start_all_gather(self, t: torch.Tensor) -> "PendingCollective":
+        """:meth:`all_gather`, asynchronously on CPU (gloo): the handle's ``wait`` returns the
+        [world * n, ...] result. On a GPU it runs at once (NCCL orders it on the stream)."""
+        t = t.contiguous()
+        out = torch.empty((self.world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        if self.device.type != "cpu":
+            self._run("all-gather", lambda async_op: _all_gather_single(out, t, group=self.group, async_op=False))
+            return PendingCollective(self, None, out)
+        box = []
+
+        def start(_):
+            box.append(_all_gather_single(out, t, group=self.side, async_op=True))
+            return _Done()
+        self._run("all-gather (launch)", start)
+        return PendingCollective(self, box[0], out, "all-gather")
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place."""
         self._run("all-reduce", lambda async_op: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group,
@@ -136,17 +169,18 @@ class _Done:
 
 
 class PendingCollective:
-    """An all-reduce in flight (:meth:`DistContext.start_all_reduce`); ``wait`` returns its tensor."""
+    """A collective in flight (:meth:`DistContext.start_all_reduce`, :meth:`DistContext.start_all_gather`);
+    ``wait`` returns its result tensor."""
 
-    def __init__(self, ctx: DistContext, work, tensor: torch.Tensor):
-        self.ctx, self.work, self.tensor = ctx, work, tensor
+    def __init__(self, ctx: DistContext, work, tensor: torch.Tensor, what: str = "gradient all-reduce"):
+        self.ctx, self.work, self.tensor, self.what = ctx, work, tensor, what
 
     def wait(self) -> torch.Tensor:
         work = self.work
         if work is not None:
             self.work = None
             if self.ctx.device.type == "cpu":
-                self.ctx._run("gradient all-reduce", lambda _: _waited(work, self.ctx.timeout_s))
+                self.ctx._run(self.what, lambda _: _waited(work, self.ctx.timeout_s))
             else:
                 work.wait()       # NCCL: orders the stream; the watchdog bounds it
         return self.tensor
@@ -273,18 +307,34 @@ def gather_scores(ctx: DistContext, scores: torch.Tensor, tag: int,
     the gather and cut back after it. The tag (the group index) catches ranks that process their
     layers in a different order; the flag is checked at the end of the step (see ``check_tags``), so
     the backward needs no host synchronisation."""
+    return start_gather_scores(ctx, scores, tag, counts).result()
+
+
+class PendingScores:
+    """:func:`gather_scores` in flight (:func:`start_gather_scores`): ``result()`` waits for it."""
+
+    def __init__(self, ctx: DistContext, pending: PendingCollective, width: int, rest: tuple, counts):
+        self.ctx, self.pending, self.width, self.rest, self.counts = ctx, pending, width, rest, counts
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        full, world, width, counts = self.pending.wait(), self.ctx.world, self.width, self.counts
+        tags = full[:, 0]
+        per_rank = full[:, 1:].reshape((world, width) + self.rest)
+        if counts and len(set(counts)) > 1:
+            return torch.cat([per_rank[r, :counts[r]] for r in range(world)]), (tags == tags[0]).all()
+        return per_rank.reshape((world * width,) + self.rest), (tags == tags[0]).all()
+
+
+def start_gather_scores(ctx: DistContext, scores: torch.Tensor, tag: int,
+                        counts: list[int] | None = None) -> PendingScores:
+    """Launch :func:`gather_scores` (asynchronously on CPU) and return its handle."""
     b, rest = scores.shape[0], tuple(scores.shape[1:])
     width = max(counts) if counts else b
     flat = scores.detach().to(torch.float64).reshape(b, -1)
     if width > b:
         flat = torch.cat([flat, flat.new_zeros(width - b, flat.shape[1])])
     payload = torch.cat([torch.full((1,), float(tag), dtype=torch.float64, device=scores.device), flat.flatten()])
-    full = ctx.all_gather(payload[None])                 # [world, 1 + width * R]
-    tags = full[:, 0]
-    per_rank = full[:, 1:].reshape((ctx.world, width) + rest)
-    if counts and len(set(counts)) > 1:
-        return torch.cat([per_rank[r, :counts[r]] for r in range(ctx.world)]), (tags == tags[0]).all()
-    return per_rank.reshape((ctx.world * width,) + rest), (tags == tags[0]).all()
+    return PendingScores(ctx, ctx.start_all_gather(payload[None]), width, rest, counts)   # [world, 1 + width * R]
 
 
 def check_tags(ok: torch.Tensor | None) -> None:

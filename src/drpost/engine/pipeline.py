@@ -4,7 +4,8 @@ The hooks' tap hands every backward call's factors to :meth:`Pipeline.on_factors
 calls of a group are in, the group is scored against the target (``capture`` mode caches the
 target instead), the feasible set picks its subset (:mod:`drpost.engine.selection`, through the
 reduction, which gathers the scores of every rank when distributed) and the chosen samples'
-gradient is added to the group's accumulator. ``global``-scope sets retain the scores of every
+gradient is added to the group's accumulator (distributed, a few groups later: the choice waits
+for its score gather, which runs meanwhile). ``global``-scope sets retain the scores of every
 layer and decide once, after the backward (:meth:`finish_global`). With ``global_memory='retain'``
 they also retain every layer's factors and assemble from them; with ``'recompute'`` they keep only
 the scores, and the passes run the backward a second time (``step.second_pass``), in which each
@@ -110,11 +111,13 @@ class Pipeline:
 
     def flush_pending(self) -> None:
         """Groups whose every forward call did not reach the loss (e.g. a module called twice with
-        one output unused) are processed with the calls that did."""
+        one output unused) are processed with the calls that did; then every open layerwise choice
+        is finished (the end of a backward)."""
         for group in self.groups:
             if group.pending:
                 group.calls = len(group.pending)
                 self._complete(group)
+        self._decide(0)
         INPUT_GRAMS.clear()   # the end of a backward's scoring: keep no input alive past it
 
     def check_recomputed(self) -> None:
@@ -182,8 +185,21 @@ class Pipeline:
             step.retained.append((group, parts, normed, gram, per_sample))
             return
         with self.phase("selection"):
-            mask, full_mask = self.reduction.choose(self, normed, gram, group.index)
-        self._assemble(group, parts, mask, per_sample, full_mask)
+            decide = self.reduction.start_choice(self, normed, gram, group.index)
+        step.undecided.append((group, parts, per_sample, decide))
+        self._decide(self.reduction.decision_window)
+
+    def _decide(self, keep: int) -> None:
+        """Finish the oldest layerwise choices (and assemble their chosen samples) until at most
+        ``keep`` are left open: distributed, a choice waits for its score gather, launched when the
+        group was scored (:meth:`DistributedReduction.start_choice`); the order is the scoring order
+        on every rank."""
+        undecided = self.step.undecided
+        while len(undecided) > keep:
+            group, parts, per_sample, decide = undecided.popleft()
+            with self.phase("selection"):
+                mask, full_mask = decide()
+            self._assemble(group, parts, mask, per_sample, full_mask)
 
     # ------------------------------------------------------------------ select
     def select(self, scores: torch.Tensor, gram) -> torch.Tensor:

@@ -69,9 +69,18 @@ class LocalReduction:
     def on_assembled(self, pipeline, group) -> None:
         """A group's accumulator is final for this call (distributed: its all-reduce may start)."""
 
+    # per-layer decisions that may wait, unresolved, while the backward goes on (distributed: their
+    # score gathers in flight); one process decides at once
+    decision_window = 0
+
+    def start_choice(self, pipeline, scores: torch.Tensor, gram, tag: int):
+        """A callable that returns :meth:`choose`'s answer; it may finish later (distributed)."""
+        mask = pipeline.select(scores, gram)
+        return lambda: (mask, None)
+
     def choose(self, pipeline, scores: torch.Tensor, gram, tag: int):
         """(mask of this process's samples, mask over every rank's samples or None)."""
-        return pipeline.select(scores, gram), None
+        return self.start_choice(pipeline, scores, gram, tag)()
 
     # ------------------------------------------------------------------ the end of the step
     def finalize(self, pipeline, att, where: str) -> None:
@@ -108,6 +117,7 @@ class DistributedReduction(LocalReduction):
 
     def __init__(self, ctx: _dist.DistContext, pad_token_id: int, warn):
         self.ctx, self.pad_token_id, self.warn = ctx, pad_token_id, warn
+        ctx.use_side_group()
 
     def check_ranks(self, fingerprint: dict, options) -> None:
         _dist.check_same_config(self.ctx, fingerprint)
@@ -166,20 +176,33 @@ class DistributedReduction(LocalReduction):
             step.bad_loss = step.bad_loss or what
         return True
 
-    def choose(self, pipeline, scores: torch.Tensor, gram, tag: int):
+    # A layer's score all-gather is launched when it is scored and waited for only when this many
+    # later groups have been scored too: the backward goes on meanwhile (and keeps those groups'
+    # factors), so a rank waits only for a peer that is this far behind, not at every layer.
+    decision_window = 8
+
+    def start_choice(self, pipeline, scores: torch.Tensor, gram, tag: int):
         """The scores of every rank are all-gathered in rank order and the feasible set is applied to
-        the concatenation as one process would; this rank keeps its slice. ``random`` needs no
-        scores: every rank's generator is in the same state and draws the same mask."""
+        the concatenation as one process would; this rank keeps its slice. The gather is launched
+        now and the returned callable finishes the choice (every rank calls them in the same order).
+        ``random`` needs no scores: every rank's generator is in the same state and draws the same mask."""
         ctx, b, step = self.ctx, scores.shape[0], pipeline.step
         counts = getattr(self, "sample_counts", None) or [b] * ctx.world
+        start = sum(counts[:ctx.rank])
+        full = pending = None
         if pipeline.options.feasible_set == "random":
             full = scores.new_empty((sum(counts),) + tuple(scores.shape[1:]))
         else:
-            full, ok = _dist.gather_scores(ctx, scores, tag, counts)
-            step.tags_ok = ok if step.tags_ok is None else step.tags_ok & ok
-        full_mask = pipeline.select(full, None).to(scores.device)
-        start = sum(counts[:ctx.rank])
-        return full_mask[start:start + b], full_mask
+            pending = _dist.start_gather_scores(ctx, scores, tag, counts)
+
+        def finish():
+            nonlocal full
+            if pending is not None:
+                full, ok = pending.result()
+                step.tags_ok = ok if step.tags_ok is None else step.tags_ok & ok
+            full_mask = pipeline.select(full, None).to(scores.device)
+            return full_mask[start:start + b], full_mask
+        return finish
 
     # ------------------------------------------------------------------ the gradients, overlapped
     bucket_bytes = DDP_BUCKET_BYTES  # the all-reduces' bucket size (DDP's default)

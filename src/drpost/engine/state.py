@@ -3,6 +3,7 @@ step (:class:`StepState`, which micro-batches add to until finalize) and per tar
 (:class:`TargetState`)."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,7 @@ class StepState:
         self.plain_acc: dict = {}      # raw token-sum gradients of the unscored parameters
         self.plain_tokens: torch.Tensor | None = None
         self.retained: list = []       # global scope: (group, parts, normalised scores, gram, per_sample)
+        self.undecided = deque()       # layerwise choices still open: (group, parts, per_sample, decide)
         # global_memory='recompute': the one decision (mask, full mask) taken after the first backward,
         # applied by the second backward over the same graph (``second_pass``), group by group
         self.global_choice = None

@@ -95,3 +95,43 @@ def test_reduction_is_launched_during_the_backward(one_rank_group, scope, micro,
     # the plain (unscored) parameters are final only after the backward
     norms = [n for n in launched if n.endswith("norm.weight")]
     assert norms and all(launched[n] > first_bwd for n in norms)
+
+
+class _DoublingContext:
+    """A stand-in for DistContext: 'all-reduce over 2 identical ranks' = double in place; records sizes."""
+
+    def __init__(self):
+        self.launched = []
+
+    def start_all_reduce(self, t):
+        self.launched.append(t)
+        t.mul_(2)
+
+        class Done:
+            def wait(self_inner):
+                return t
+        return Done()
+
+
+def test_large_tensors_are_reduced_alone_and_in_place_small_ones_packed():
+    from drpost.engine.overlap import GradientBuckets
+
+    ctx = _DoublingContext()
+    buckets = GradientBuckets(ctx, bucket_bytes=64, alone_bytes=1024)
+    big = torch.randn(16, 32)                     # 2 KiB: alone, no copy
+    wide = torch.randn(32, 16).t()                # 2 KiB, not contiguous: alone, as a copy
+    small = [torch.randn(4) for _ in range(6)]    # 16 B each: packed 4 to a 64-byte bucket
+    originals = {"big": big.clone(), "wide": wide.clone(), **{f"s{i}": s.clone() for i, s in enumerate(small)}}
+    buckets.add("s0", small[0])
+    buckets.add("big", big)
+    for i in range(1, 6):
+        buckets.add(f"s{i}", small[i])
+    buckets.add("wide", wide)
+    out = buckets.wait()
+    # launches: big at once (the open bucket keeps filling), the full bucket s0-s3, wide, then s4-s5 at wait
+    assert [t.numel() for t in ctx.launched] == [512, 16, 512, 8]
+    assert ctx.launched[0].data_ptr() == big.data_ptr(), "a large contiguous tensor is reduced in place"
+    assert out.keys() == originals.keys()
+    for k, v in originals.items():
+        torch.testing.assert_close(out[k], 2 * v, rtol=0, atol=0, msg=k)
+        assert out[k].shape == v.shape

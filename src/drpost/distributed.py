@@ -17,6 +17,8 @@ as one process running on the concatenated batches:
   all-gathered in rank order and the feasible set is applied to the concatenation exactly as one
   process would (same k = num_selected(R*B, frac), same tie-breaking); each rank keeps its slice of
   the mask. ``random`` draws the global mask from the generator every rank holds in the same state.
+  The gather is launched asynchronously (:func:`start_gather_scores`; on CPU on a side gloo group)
+  and the choice finished a few groups later (``DistributedReduction.decision_window``).
 * **Update.** In the call that finalizes the step, each group's raw chosen gradient is all-reduced
   asynchronously as soon as it is final (after its assembly; bucketed as DDP does, zeros where this
   rank chose nothing: :mod:`drpost.engine.overlap`), overlapped with the rest of the backward. At

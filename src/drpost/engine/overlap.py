@@ -21,9 +21,9 @@ ALONE_BYTES = 2 ** 20               # a tensor this large is reduced by itself, 
 
 
 class GradientBuckets:
-    def __init__(self, ctx, bucket_bytes: int = DDP_BUCKET_BYTES, on_launch=None, alone_bytes: int = ALONE_BYTES):
+    def __init__(self, ctx, bucket_bytes: int = DDP_BUCKET_BYTES, on_launch=None, alone_bytes: float = ALONE_BYTES):
         self.ctx, self.bucket_bytes, self.on_launch = ctx, int(bucket_bytes), on_launch
-        self.alone_bytes = int(alone_bytes)
+        self.alone_bytes = alone_bytes   # (float("inf"): pack everything)
         self.open: list = []            # (key, tensor) waiting for their bucket to fill
         self.size = 0
         self.flying: list = []          # (pending collective, [(key, shape, numel)] or key of a lone tensor)

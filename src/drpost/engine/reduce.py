@@ -24,7 +24,7 @@ import torch
 from .. import distributed as _dist
 from ..batch import check_batch, require_supervised
 from .guards import NonFiniteError
-from .overlap import DDP_BUCKET_BYTES, GradientBuckets
+from .overlap import ALONE_BYTES, DDP_BUCKET_BYTES, GradientBuckets
 
 
 class LocalReduction:
@@ -206,11 +206,12 @@ class DistributedReduction(LocalReduction):
 
     # ------------------------------------------------------------------ the gradients, overlapped
     bucket_bytes = DDP_BUCKET_BYTES  # the all-reduces' bucket size (DDP's default)
+    alone_bytes = ALONE_BYTES        # a gradient this large is all-reduced by itself, in place
     on_launch = None                 # called with the parameters of every bucket launched (tests)
 
     def _buckets(self, step) -> GradientBuckets:
         if step.overlap is None:
-            step.overlap = GradientBuckets(self.ctx, self.bucket_bytes, self.on_launch)
+            step.overlap = GradientBuckets(self.ctx, self.bucket_bytes, self.on_launch, self.alone_bytes)
         return step.overlap
 
     def on_assembled(self, pipeline, group) -> None:

@@ -23,8 +23,8 @@ one measured step; on CUDA the allocator's peak), and, from
 forward, backward (activation gradients and autograd: everything in the backward pass that is not
 drpost's own work), scoring, selection, chosen weight gradient, assembly (``.grad`` writing),
 norm rules, optimizer, and other (the step's time outside every named phase: finalize's division
-and ``.grad`` writes, batch merging, zero_grad). For ``plain`` the backward is split into activation backward and weight
-gradient by timing a backward with every weight frozen. Nothing here asserts a time: the numbers
+and ``.grad`` writes, batch merging, zero_grad). For ``plain`` the backward is split into
+activation backward and weight gradient by timing a backward with every weight frozen. Nothing here asserts a time: the numbers
 are for reading.
 """
 

@@ -137,23 +137,24 @@ class DistContext:
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """[n, ...] on every rank (same shape everywhere) -> [world * n, ...] in rank order."""
-        t = t.contiguous()
-        out = torch.empty((self.world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-        self._run("all-gather", lambda async_op: _all_gather_single(out, t, group=self.group, async_op=async_op))
-        return out
+        return self._start_all_gather(t, self.group).wait()
 
     def start_all_gather(self, t: torch.Tensor) -> "PendingCollective":
-        """:meth:`all_gather`, asynchronously on CPU (gloo): the handle's ``wait`` returns the
-        [world * n, ...] result. On a GPU it runs at once (NCCL orders it on the stream)."""
+        """:meth:`all_gather` on the side group (:meth:`use_side_group`), asynchronously on CPU
+        (gloo): the handle's ``wait`` returns the result. On a GPU it runs at once (NCCL orders it
+        on the stream)."""
+        return self._start_all_gather(t, self.side)
+
+    def _start_all_gather(self, t: torch.Tensor, group) -> "PendingCollective":
         t = t.contiguous()
         out = torch.empty((self.world * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
         if self.device.type != "cpu":
-            self._run("all-gather", lambda async_op: _all_gather_single(out, t, group=self.group, async_op=False))
+            self._run("all-gather", lambda async_op: _all_gather_single(out, t, group=group, async_op=False))
             return PendingCollective(self, None, out)
         box = []
 
         def start(_):
-            box.append(_all_gather_single(out, t, group=self.side, async_op=True))
+            box.append(_all_gather_single(out, t, group=group, async_op=True))
             return _Done()
         self._run("all-gather (launch)", start)
         return PendingCollective(self, box[0], out, "all-gather")
@@ -300,20 +301,8 @@ def gather_rows(ctx: DistContext, batch: dict | None, pad_id: int, extra=()) -> 
 # ---------------------------------------------------------------------------------------------
 # scores
 
-def gather_scores(ctx: DistContext, scores: torch.Tensor, tag: int,
-                  counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local scores [B] or [B, R] -> (the ranks' scores concatenated along dim 0, as float64, which is
-    exact for the float32/float64 scores drpost computes, so the selection sees the same order and
-    ties; a device flag, True when every rank sent the same ``tag``). ``counts``: the samples of every
-    rank when they differ (packed batches); each rank's scores are padded to the largest count for
-    the gather and cut back after it. The tag (the group index) catches ranks that process their
-    layers in a different order; the flag is checked at the end of the step (see ``check_tags``), so
-    the backward needs no host synchronisation."""
-    return start_gather_scores(ctx, scores, tag, counts).result()
-
-
 class PendingScores:
-    """:func:`gather_scores` in flight (:func:`start_gather_scores`): ``result()`` waits for it."""
+    """A score gather in flight (:func:`start_gather_scores`): ``result()`` waits for it."""
 
     def __init__(self, ctx: DistContext, pending: PendingCollective, width: int, rest: tuple, counts):
         self.ctx, self.pending, self.width, self.rest, self.counts = ctx, pending, width, rest, counts
@@ -321,15 +310,23 @@ class PendingScores:
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         full, world, width, counts = self.pending.wait(), self.ctx.world, self.width, self.counts
         tags = full[:, 0]
+        same = (tags == tags[0]).all()
         per_rank = full[:, 1:].reshape((world, width) + self.rest)
         if counts and len(set(counts)) > 1:
-            return torch.cat([per_rank[r, :counts[r]] for r in range(world)]), (tags == tags[0]).all()
-        return per_rank.reshape((world * width,) + self.rest), (tags == tags[0]).all()
+            return torch.cat([per_rank[r, :counts[r]] for r in range(world)]), same
+        return per_rank.reshape((world * width,) + self.rest), same
 
 
 def start_gather_scores(ctx: DistContext, scores: torch.Tensor, tag: int,
                         counts: list[int] | None = None) -> PendingScores:
-    """Launch :func:`gather_scores` (asynchronously on CPU) and return its handle."""
+    """Launch the gather of every rank's local scores [B] or [B, R] (asynchronously on CPU); the
+    handle's ``result()`` gives (the ranks' scores concatenated along dim 0, as float64, which is
+    exact for the float32/float64 scores drpost computes, so the selection sees the same order and
+    ties; a device flag, True when every rank sent the same ``tag``). ``counts``: the samples of every
+    rank when they differ (packed batches); each rank's scores are padded to the largest count for
+    the gather and cut back after it. The tag (the group index) catches ranks that process their
+    layers in a different order; the flag is checked at the end of the step (see ``check_tags``), so
+    the backward needs no host synchronisation."""
     b, rest = scores.shape[0], tuple(scores.shape[1:])
     width = max(counts) if counts else b
     flat = scores.detach().to(torch.float64).reshape(b, -1)

@@ -7,8 +7,8 @@ finalize. A tensor of at least ``alone_bytes`` (1 MiB) is all-reduced by itself,
 as it is handed in; smaller ones are packed, in the order they are handed in, into flat buckets of
 about ``bucket_bytes``; a full bucket's all-reduce is launched at once (asynchronously) and the
 backward goes on. (Packing a large tensor would copy it into a buffer allocated afresh every step:
-on the 2-process CPU bench that cost 0.5 s per step, as much as DDP's whole reduction.) :meth:`GradientBuckets.wait` completes them all and returns every tensor summed over the
-ranks. Every rank must hand in tensors of the same shapes in the same order (a parameter with no
+on the 2-process CPU bench that cost 0.5 s per step, as much as DDP's whole reduction.)
+:meth:`GradientBuckets.wait` completes them all and returns every tensor summed over the ranks. Every rank must hand in tensors of the same shapes in the same order (a parameter with no
 gradient on this rank travels as zeros), so every rank issues the same collectives in the same
 order whatever it selected.
 """
@@ -26,7 +26,7 @@ class GradientBuckets:
         self.alone_bytes = alone_bytes   # (float("inf"): pack everything)
         self.open: list = []            # (key, tensor) waiting for their bucket to fill
         self.size = 0
-        self.flying: list = []          # (pending collective, [(key, shape, numel)] or key of a lone tensor)
+        self.flying: list = []          # (pending collective, [(key, shape, numel)] of its flat tensor)
         self.keys: set = set()
 
     def add(self, key, tensor: torch.Tensor) -> None:

@@ -49,6 +49,10 @@ ACCUMULATE = {"layerwise-accumulate": dict(feasible_set="layerwise"),
 # activation checkpointing on the ranks (HF, use_reentrant as given); the reference runs without it
 CHECKPOINTED = {"layerwise-merged-ckpt": (dict(feasible_set="layerwise"), False),
                 "global-separate-ckpt-reentrant": (dict(feasible_set="global", target_strategy="separate"), True)}
+# every gradient all-reduced by itself, in place (DistributedReduction.alone_bytes = 1): the tiny
+# model's gradients are all below the default 1 MiB, so CASES exercise the packed buckets
+ALONE = {"layerwise-reduced-alone": dict(feasible_set="layerwise"),
+         "global-separate-reduced-alone": dict(feasible_set="global", target_strategy="separate")}
 for _kw in CASES.values():
     if _kw.get("scoring") == "sketch":
         _kw["sketch"] = "gaussian-8x8"
@@ -253,6 +257,13 @@ def _worker(out: Path) -> None:
         part(name, lambda: run_engine(kw, general, target, rank, world, micro=2))
     for name, (kw, reentrant) in CHECKPOINTED.items():
         part(name, lambda: run_engine(kw, general, target, rank, world, reentrant=reentrant))
+    from drpost.engine.reduce import DistributedReduction
+    default, DistributedReduction.alone_bytes = DistributedReduction.alone_bytes, 1
+    try:
+        for name, kw in ALONE.items():
+            part(name, lambda: run_engine(kw, general, target, rank, world))
+    finally:
+        DistributedReduction.alone_bytes = default
     neg_g, neg_t = data["negative"]
     part("filter-empty-rank", lambda: run_engine(dict(feasible_set="filter", scope="global"), [neg_g] * STEPS,
                                                  [neg_t] * STEPS, rank, world, frac=1.0))
@@ -341,6 +352,14 @@ def test_two_ranks_equal_one_process(ranks, data, name):
     assert got[0]["distributed"] and got[1]["distributed"] and not ref["distributed"]
     assert_same_run(got, ref)
     assert got[0]["selected"] == got[1]["selected"] == ref["selected"]   # counts over all ranks
+
+
+@pytest.mark.parametrize("name", list(ALONE))
+def test_gradients_reduced_alone_equal_one_process(ranks, data, name):
+    got = part(ranks, name)
+    ref = run_engine(ALONE[name], data["general"], data["target"])
+    assert_same_run(got, ref)
+    assert got[0]["selected"] == got[1]["selected"] == ref["selected"]
 
 
 @pytest.mark.parametrize("name", list(CHECKPOINTED))

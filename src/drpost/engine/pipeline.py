@@ -221,8 +221,13 @@ class Pipeline:
         if self.recomputes_global:
             self.step.global_choice = (mask, full_mask)
             return
-        for group, parts, _, _, per_sample in retained:
+        # each group's factors are released once its chosen samples are assembled, so the peak is
+        # the retained factors plus one group's gradient, not plus every group's
+        retained.reverse()
+        while retained:
+            group, parts, _, _, per_sample = retained.pop()
             self._assemble(group, parts, mask, per_sample, full_mask)
+            del parts, per_sample
 
     # ------------------------------------------------------------------ accumulate
     def _assemble(self, group, parts, mask, per_sample=None, full_mask=None) -> None:

@@ -114,7 +114,8 @@ class DrPostOptions:
     global_memory: str = field(default="retain", metadata=help_meta(
         "Global-scope sets (global, and filter/greedy/random with scope='global') decide after the whole "
         "backward: 'retain' keeps every layer's per-sample factors until then (one backward; each layer's "
-        "are freed once its chosen samples are assembled); 'recompute' keeps only the scores and runs the backward a second time (retain_graph) to "
+        "are freed once its chosen samples are assembled); 'recompute' keeps only the scores and runs the "
+        "backward a second time (retain_graph) to "
         "assemble the chosen samples layer by layer (peak memory as a per-layer set, the time of one more "
         "activation-gradient backward). Both give the same update.", GLOBAL_MEMORY))
 

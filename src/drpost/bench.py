@@ -24,8 +24,8 @@ forward, backward (activation gradients and autograd: everything in the backward
 drpost's own work), scoring, selection, chosen weight gradient, assembly (``.grad`` writing),
 norm rules, optimizer, and other (the step's time outside every named phase: finalize's division
 and ``.grad`` writes, batch merging, zero_grad). For ``plain`` the backward is split into
-activation backward and weight gradient by timing a backward with every weight frozen. Nothing here asserts a time: the numbers
-are for reading.
+activation backward and weight gradient by timing a backward with every weight frozen. Nothing
+here asserts a time: the numbers are for reading.
 """
 
 from __future__ import annotations

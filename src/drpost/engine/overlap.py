@@ -8,9 +8,10 @@ as it is handed in; smaller ones are packed, in the order they are handed in, in
 about ``bucket_bytes``; a full bucket's all-reduce is launched at once (asynchronously) and the
 backward goes on. (Packing a large tensor would copy it into a buffer allocated afresh every step:
 on the 2-process CPU bench that cost 0.5 s per step, as much as DDP's whole reduction.)
-:meth:`GradientBuckets.wait` completes them all and returns every tensor summed over the ranks. Every rank must hand in tensors of the same shapes in the same order (a parameter with no
-gradient on this rank travels as zeros), so every rank issues the same collectives in the same
-order whatever it selected.
+:meth:`GradientBuckets.wait` completes them all and returns every tensor summed over the ranks.
+Every rank must hand in tensors of the same shapes in the same order (a parameter with no gradient
+on this rank travels as zeros), so every rank issues the same collectives in the same order
+whatever it selected.
 """
 from __future__ import annotations
 

@@ -186,3 +186,18 @@ def test_retain_releases_each_groups_factors_once_assembled(strategy, monkeypatc
     O.assert_grads(model, expected_grads(case, "global", expected_masks(case, reg, "global", "layer")),
                    f"global/retain/{strategy}")
     reg.detach()
+
+
+@pytest.mark.parametrize("strategy", ["merged", "separate"])
+@pytest.mark.parametrize("feasible,scope", [("global", "layer"), ("filter", "global")])
+def test_retained_factors_build_no_graph(feasible, scope, strategy):
+    """Factors kept past the backward (global sets assemble after it, with grad mode back on) are
+    detached: the chosen gradients carry no autograd graph (which would hold every factor alive)."""
+    case = get_case("llama_2layer")
+    model = case.fresh()
+    reg = make_reg(model, feasible, scope, "auto", strategy, case=case)
+    reg.backward(case.general, case.target)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert p.grad.grad_fn is None and not p.grad.requires_grad, f"{n}.grad carries a graph"
+    reg.detach()

@@ -14,7 +14,6 @@ import dataclasses
 import torch
 
 from .feasible import normalise_scores
-from .layers import Factors
 from .scoring import BACKEND_TABLE, ScoringConfig, add_into, cache_reader, choose_for_group
 
 __all__ = ["LayerGroup", "ScoringConfig", "add_into"]
@@ -137,17 +136,15 @@ class LayerGroup:
     # ------------------------------------------------------------------ update
     def accumulate(self, parts, weights, idx, per_sample, tokens) -> torch.Tensor:
         """Add sum_i w_i G_i of this pass to the accumulator; return the chosen-token count.
-        ``idx`` (a fixed-size top-k set) gathers the chosen rows so that the GEMM costs k/B of a
-        plain weight gradient; ``weights=None`` means every sample."""
+        ``idx`` (a fixed-size top-k set) is read by the rules as the chosen rows only (gathered, or on
+        CPU as views of its runs of consecutive rows), so that the GEMM costs k/B of a plain weight
+        gradient; ``weights=None`` means every sample."""
         if per_sample is not None and weights is not None and weights.dim() == 1:
             for p, g in per_sample.items():
                 add_into(self.acc, p, torch.einsum("b,b...->...", weights.to(g.dtype), g))
         else:
             for rule, gen, _ in parts:
-                if idx is not None:
-                    gen = Factors(gen.a.index_select(0, idx), gen.d.index_select(0, idx))
-                for p, g in rule.chosen(gen, None if idx is not None else weights).items():
-                    add_into(self.acc, p, g)
+                rule.chosen_into(self.acc, gen, weights, idx)
         w = weights if weights is not None else torch.ones_like(tokens)
         count = (w * (tokens if w.dim() == 1 else tokens[:, None])).sum(0)
         self.count = count if self.count is None else self.count + count

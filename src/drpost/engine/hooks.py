@@ -88,8 +88,8 @@ class _Tap(torch.autograd.Function):
             grad_a = use.rule.input_grad(a, grad_out) if need else None
             if layout is not None and not layout.identity:
                 a, grad_out = layout.samples(a), layout.samples(grad_out)
-            with torch.no_grad():
-                sink.on_factors(use.group, use.rule, use.rule.factors(a, grad_out))
+            with torch.no_grad():   # detached: factors kept past the backward (global sets) build no graph
+                sink.on_factors(use.group, use.rule, use.rule.factors(a.detach(), grad_out))
         return (None, None, grad_a) + (None,) * ctx.n_params
 
 

@@ -235,7 +235,7 @@ class Pipeline:
         (distributed) is the mask over every rank's samples: this rank's share of a global top-k
         has no fixed size, so (as for ``filter``) its rows are gathered on CPU and weighted on a GPU,
         where finding them would sync the device."""
-        with self.phase("weight_grad", group):
+        with self.phase("weight_grad", group), torch.no_grad():
             self.last_masks[group.name] = mask
             tokens = self.step.tokens_general
             shown = mask if full_mask is None else full_mask

@@ -175,6 +175,16 @@ class LayerRule(abc.ABC):
         return flat @ flat.t()
 
     # -- update -----------------------------------------------------------------------------
+    def chosen_into(self, acc: dict, f: Factors, w: torch.Tensor | None, idx: torch.Tensor | None = None) -> None:
+        """acc[p] += the chosen samples' gradient, for each of this rule's parameters: the samples
+        ``idx`` (a fixed-size subset, weight 1), else every sample weighted by ``w`` (as
+        :meth:`chosen`). The default gathers the rows ``idx`` and adds :meth:`chosen`; a rule may
+        accumulate in place instead (no gathered copy, no fresh gradient-sized tensor)."""
+        if idx is not None:
+            f, w = Factors(f.a.index_select(0, idx), f.d.index_select(0, idx)), None
+        for p, g in self.chosen(f, w).items():
+            add_into(acc, p, g)
+
     def chosen(self, f: Factors, w: torch.Tensor) -> dict:
         """{param: sum_i w_i G_i} for sample weights w [B] (or [B, R]: per row; None: all ones)."""
         out = {}
@@ -186,6 +196,30 @@ class LayerRule(abc.ABC):
             else:
                 out[p] = torch.einsum("b,b...->...", w.to(g.dtype), g)
         return out
+
+
+def add_into(acc: dict, key, g: torch.Tensor, dtype=None) -> None:
+    """acc[key] += g (in ``dtype``, default the key's dtype when it is a parameter)."""
+    g = g.to(dtype if dtype is not None else key.dtype)
+    if key in acc:
+        acc[key].add_(g)
+    else:
+        acc[key] = g.clone() if isinstance(key, torch.Tensor) and g.data_ptr() == key.data_ptr() else g
+
+
+def row_runs(idx: torch.Tensor | None) -> list[tuple[int, int]] | None:
+    """The sample indices ``idx`` as runs of consecutive rows [(start, stop), ...], so that a rule
+    can read the chosen rows as views instead of gathering a copy; None when ``idx`` is None,
+    empty or on an accelerator (reading it there would sync the device: gather instead)."""
+    if idx is None or idx.device.type != "cpu" or idx.numel() == 0:
+        return None
+    runs: list[tuple[int, int]] = []
+    for i in sorted(idx.tolist()):
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def acc_dtype(*tensors) -> torch.dtype:

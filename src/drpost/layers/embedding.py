@@ -106,14 +106,24 @@ class EmbeddingRule(LayerRule):
         dd = torch.einsum("isd,jtd->ijst", f.d, f.d).to(dt)
         return (dd * eq).sum((2, 3))
 
-    def chosen(self, f, w):
+    def chosen_into(self, acc, f, w, idx=None):
+        """Scatter-added straight into an accumulator that already holds this weight's gradient
+        (a tied lm_head's, added first): no second [Vocab, D] tensor is zeroed and added."""
+        g = acc.get(self.weight)
+        if g is None or g.dtype != acc_dtype(f.d):
+            return super().chosen_into(acc, f, w, idx)
+        if idx is not None:
+            f, w = Factors(f.a.index_select(0, idx), f.d.index_select(0, idx)), None
+        g.index_add_(0, f.a.reshape(-1), self._weighted_rows(f, w).to(g.dtype))
+
+    def _weighted_rows(self, f, w):
+        """delta of every position times its weight, [B * S, D]."""
         if w is None:
-            tw = torch.ones_like(f.a, dtype=f.d.dtype)
-        elif w.dim() == 2:    # per vocab row
-            tw = torch.gather(w, 1, f.a)                                       # [B, S]
-        else:
-            tw = w[:, None].expand_as(f.a)
-        dt = acc_dtype(f.d)
-        g = torch.zeros(self.vocab, self.dim, dtype=dt, device=f.d.device)
-        g.index_add_(0, f.a.reshape(-1), (f.d * tw[..., None].to(f.d.dtype)).reshape(-1, self.dim).to(dt))
+            return f.d.reshape(-1, self.dim)
+        tw = torch.gather(w, 1, f.a) if w.dim() == 2 else w[:, None].expand_as(f.a)   # per vocab row / per sample
+        return (f.d * tw[..., None].to(f.d.dtype)).reshape(-1, self.dim)
+
+    def chosen(self, f, w):
+        g = torch.zeros(self.vocab, self.dim, dtype=acc_dtype(f.d), device=f.d.device)
+        g.index_add_(0, f.a.reshape(-1), self._weighted_rows(f, w).to(g.dtype))
         return {self.weight: g}

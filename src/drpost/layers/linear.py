@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .base import TIED_PROJECTION, Factors, LayerRule, acc_dtype
+from .base import TIED_PROJECTION, Factors, LayerRule, acc_dtype, add_into, row_runs
 from .registry import register_rule
 
 
@@ -211,6 +211,29 @@ class LinearRule(LayerRule):
         return (dd * c).sum((1, 3), dtype=dt)
 
     # -- update -----------------------------------------------------------------------------
+    def chosen_into(self, acc, f, w, idx=None):
+        """On CPU a top-k subset is read as views of its runs of consecutive rows, each run's GEMM
+        accumulated in place (``addmm_``): no gathered copy of delta (for a full-vocabulary
+        lm_head, k x S x Vocab floats, whose fresh allocation alone costs more than half its GEMM)
+        and no second gradient-sized tensor to add. Elsewhere, or when the factors' dtype is not
+        the gradient's (autocast), the rows are gathered."""
+        runs = row_runs(idx)
+        w_acc = acc.get(self.weight) if self.weight is not None else None
+        gdtype = w_acc.dtype if w_acc is not None else (self.weight.dtype if self.weight is not None else None)
+        if runs is None or self.weight is None or f.d.dtype != gdtype or f.a.dtype != gdtype:
+            return super().chosen_into(acc, f, w, idx)
+        bias = None
+        for lo, hi in runs:
+            d, x = f.d[lo:hi].flatten(0, 1), f.a[lo:hi].flatten(0, 1)
+            left, right = (x.t(), d) if self.transposed else (d.t(), x)
+            w_acc = left @ right if w_acc is None else w_acc.addmm_(left, right)
+            if self.bias is not None:
+                part = d.sum(0, dtype=acc_dtype(f.d))
+                bias = part if bias is None else bias + part
+        acc[self.weight] = w_acc
+        if bias is not None:
+            add_into(acc, self.bias, bias)
+
     def chosen(self, f, w):
         dt = acc_dtype(f.d)
         if w is None:       # every row, weight 1

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers.base import add_into  # noqa: F401  (re-exported: drpost.scoring.add_into)
+
 
 @dataclass
 class ScoringConfig:
@@ -30,15 +32,6 @@ class ScoringConfig:
     calibrate: bool = False  # auto: time the candidate back-ends per layer shape (scoring/calibration.py)
     factor_cache: bool = False  # separate + auto (a Linear, a tied weight) or sketch (a tied weight): cache the
     #                             target as factors where they are no larger
-
-
-def add_into(acc: dict, key, g: torch.Tensor, dtype=None) -> None:
-    """acc[key] += g (in ``dtype``, default the key's dtype when it is a parameter)."""
-    g = g.to(dtype if dtype is not None else key.dtype)
-    if key in acc:
-        acc[key].add_(g)
-    else:
-        acc[key] = g.clone() if isinstance(key, torch.Tensor) and g.data_ptr() == key.data_ptr() else g
 
 
 def dense_target(pairs) -> dict:

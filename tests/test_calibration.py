@@ -28,7 +28,8 @@ def fake_timings(monkeypatch, tmp_path):
 
     def median(fn, device):
         state["timed"] += 1
-        return state["seconds"][fn.backend]
+        seconds = state["seconds"]
+        return seconds.get(fn.backend, seconds.get("pairwise_ghost"))   # REUSED: as pairwise unless set
 
     monkeypatch.setattr(calibration, "_kernels", kernels)
     monkeypatch.setattr(calibration, "_median_seconds", median)
@@ -62,7 +63,7 @@ def test_measurements_are_cached_per_shape_in_memory_and_on_disk(fake_timings):
     _step(mt.llama(tied=False))
     timed = fake_timings["timed"]
     shapes = len(json.loads(open(os.environ["DRPOST_CALIBRATION_CACHE"]).read()))
-    assert timed == 3 * shapes and 0 < shapes < 8   # q/k/v/o/gate/up/down/lm_head: layers of one shape share
+    assert timed == 4 * shapes and 0 < shapes < 8   # 3 back-ends + pairwise with its input Gram reused, per shape
     _step(mt.llama(tied=False))
     assert fake_timings["timed"] == timed            # in memory
     calibration.clear_memory()
@@ -94,13 +95,38 @@ def test_real_measurement_runs_the_rules_kernels(tmp_path, monkeypatch):
     calibration.clear_memory()
     reg, _ = _step(mt.llama(tied=False))
     data = json.loads((tmp_path / "c.json").read_text())
-    assert data and all(set(v) == {"reduced_ghost", "pairwise_ghost", "direct"} and min(v.values()) > 0
+    assert data and all(set(v) == {"reduced_ghost", "pairwise_ghost", "direct", calibration.REUSED}
+                        and min(v.values()) > 0
                         for v in data.values())
     for name, backend in reg.layer_backends.items():
         reason = reg.layer_backend_reasons[name]
         if reason.startswith("measured fastest:"):
             assert reason.split(": ")[1].startswith(backend)
     calibration.clear_memory()
+
+
+def test_layers_fed_one_input_share_its_gram_in_the_measured_cost(fake_timings):
+    """q/k/v read one tensor, gate/up another: pairwise_ghost computes its input-side Gram once between
+    them (InputGrams), so auto charges each of n sharers the reused time plus 1/n of the Gram. Here
+    pairwise alone (3 ms) loses to direct (2 ms) but with the Gram shared wins for q/k/v
+    (1 + 2/3 ms) and gate/up (1 + 2/2 = 2 ms: a tie goes to neither; direct is listed first) while
+    o/down (one reader) keep direct; the update stays exact."""
+    fake_timings["seconds"] = {"reduced_ghost": 5e-3, "pairwise_ghost": 3e-3, "direct": 2e-3 + 1e-6,
+                               calibration.REUSED: 1e-3}
+    reg, grads = _step(mt.llama(tied=False))
+    groups = {g.name: g for g in reg._pipeline.groups}
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert groups[attn + "q_proj"].input_sharers == {attn + "q_proj", attn + "k_proj", attn + "v_proj"}
+    assert groups[mlp + "up_proj"].input_sharers == {mlp + "gate_proj", mlp + "up_proj"}
+    assert len(groups[attn + "o_proj"].input_sharers) == 1 and len(groups[mlp + "down_proj"].input_sharers) == 1
+    b = reg.layer_backends
+    assert b[attn + "q_proj"] == b[attn + "k_proj"] == b[attn + "v_proj"] == "pairwise_ghost"
+    assert b[mlp + "gate_proj"] == b[mlp + "up_proj"] == "pairwise_ghost"
+    assert b[attn + "o_proj"] == b[mlp + "down_proj"] == "direct"
+    assert "input Gram shared by 3 layers" in reg.layer_backend_reasons[attn + "k_proj"]
+    _, ref = _step(mt.llama(tied=False), scoring="reduced_ghost")
+    for n, g in ref.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-9, atol=1e-12)
 
 
 def test_bad_option_value():

@@ -48,6 +48,7 @@ from drpost.batch import IGNORE_INDEX, causal_lm_token_losses
 from drpost.bench_memory import PeakCUDA, PeakRSS, memory_in_subprocesses, proc_status_kb, reset_peak_rss
 from drpost.bench_report import format_report, write_report
 from drpost.engine.options import GLOBAL_MEMORY, DrPostOptions, add_arguments, from_arguments, help_meta
+from drpost.precision import native_bf16, warn_if_slow_bf16
 from drpost.profiling import PhaseTimer
 
 __all__ = ["BenchConfig", "run_bench", "format_report", "write_report", "add_bench_arguments",
@@ -188,6 +189,7 @@ class _Bench:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.device = torch.device(cfg.device)
+        warn_if_slow_bf16(cfg.dtype == "bf16", "Time with --dtype fp32 (the report marks the dtype).", self.device.type)
         model, _ = load_model(cfg.model, num_layers=cfg.num_layers)
         self.model = model.to(self.device)
         self.model.train()
@@ -471,7 +473,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                             memory),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device_name": torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else "cpu"},
+                    "device_name": torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else "cpu",
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": native_bf16(bench.device.type)},
         "rows": rows,
         "times": times,
         "cpu_times": cpu,

@@ -16,7 +16,10 @@ def format_report(report: dict) -> str:
     """Markdown: the ratio table, then the breakdown table (ms per phase)."""
     c = report["config"]
     head = (f"model {c['model']} ({report['model_layers']} layers, {report['trainable_params'] / 1e6:.1f}M trainable), "
-            f"B={c['batch']} T={c['seq']} V={c['target']}, {c['dtype']}, {c['device']} "
+            f"B={c['batch']} T={c['seq']} V={c['target']}, {c['dtype']}"
+            + (" (no native bf16 GEMM here: generic kernels)" if c["dtype"] == "bf16"
+               and report["machine"].get("native_bf16") is False else "")
+            + f", {c['device']} "
             f"({report['machine']['threads']} threads), frac {c['frac']}, target {c.get('target_strategy', 'merged')}"
             + (f" (refresh every {c['refresh_every']})" if c.get("target_strategy") == "separate" else "")
             + (", activation checkpointing (non-reentrant)" if c.get("gradient_checkpointing") else "")

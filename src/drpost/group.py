@@ -33,6 +33,7 @@ class LayerGroup:
         self.acc: dict = {}             # raw sums of chosen per-sample gradients
         self.count = None               # chosen supervised tokens (scalar, or per row)
         self.bad = None                 # device flag: non-finite score/target seen
+        self.input_sharers: set = set()  # groups fed the same input tensor in this forward (StepState.note_input)
 
     @property
     def name(self) -> str:

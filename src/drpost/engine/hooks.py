@@ -134,6 +134,8 @@ class Attachment:
                 if not torch.is_grad_enabled():
                     step.grad_off = True
             a = rule.capture_input(args, kwargs)
+            if not step.in_backward:
+                step.note_input(group, a)
             out = output.detach()
             if a.shape[0] == 1 and step.rows > 1:
                 if not rule.broadcast_input_ok:

@@ -140,12 +140,12 @@ class Pipeline:
         b, v = self.step.n_general, self.step.n_target
         return b, v, s, fs.num_selected(max(b, 1), self.options.frac)
 
-    def _measure(self, f) -> Measure | None:
+    def _measure(self, f, group: LayerGroup) -> Measure | None:
         """What auto_calibration='measure' times a layer's candidates with (None: the cost model)."""
         if not self.scoring_cfg.calibrate or self.options.feasible_set == "rowwise":
             return None
         merged = self.step.mode == "merged"
-        return Measure(f.d.dtype, f.d.device, 1.0 if merged else 0.0)
+        return Measure(f.d.dtype, f.d.device, 1.0 if merged else 0.0, input_sharers=max(len(group.input_sharers), 1))
 
     def _capture_group(self, group: LayerGroup) -> None:
         parts = group.take_pending()
@@ -162,7 +162,7 @@ class Pipeline:
         rows = self.options.feasible_set == "rowwise"
         shape = self._shape(parts[0][1].a.shape[1])
         with self.phase("scoring", group):
-            measure = self._measure(parts[0][1])
+            measure = self._measure(parts[0][1], group)
             if step.mode == "merged":
                 backend = group.backend(cfg, parts[0][0], *shape, measure)
                 target = group.target_repr(cfg, parts, backend, rows)

@@ -3,6 +3,7 @@ step (:class:`StepState`, which micro-batches add to until finalize) and per tar
 (:class:`TargetState`)."""
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -76,11 +77,24 @@ class StepState:
         self.grad_off = False
         self.finalizing = False        # the running call finalizes the step (its accumulators become final)
         self.overlap = None            # the reduction's gradient reductions in flight (distributed)
+        self.input_users: dict = {}    # this forward's inputs of scored layers -> (weakref, names of their groups)
 
     def begin_forward(self, mode: str | None, rows: int, n_general: int, n_target: int, layout=None) -> None:
         self.mode, self.rows, self.n_general, self.n_target = mode, rows, n_general, n_target
         self.layout = layout
         self.in_backward, self.grad_off = False, False
+        self.input_users = {}
+
+    def note_input(self, group, a: torch.Tensor) -> None:
+        """Record that ``group`` read ``a`` in this forward: groups fed one live tensor (q/k/v,
+        gate/up) share its input-side Gram (``group.input_sharers``, the set of their names). A key
+        whose tensor has died (its memory reused: activation checkpointing) starts afresh."""
+        key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device, a._version)
+        entry = self.input_users.get(key)
+        if entry is None or entry[0]() is None:
+            entry = self.input_users[key] = (weakref.ref(a), set())
+        entry[1].add(group.name)
+        group.input_sharers = entry[1]
 
     @property
     def second_pass(self) -> bool:

@@ -242,6 +242,10 @@ def run_grpo(cfg: Config, overwrite: bool = False, progress: bool = True, resume
     ranks.barrier()
     if t.threads:
         torch.set_num_threads(t.threads)
+    from drpost.precision import warn_if_slow_bf16
+    from drpost.recipes.sft import BF16_FIX
+
+    warn_if_slow_bf16(t.bf16, BF16_FIX)
     grpo_layout(cfg, ranks.world)                # a bad layout fails before anything is loaded
     set_seed(t.seed)
     task = rl_tasks.build_task(rl.task, n_train=rl.n_train, n_target=rl.n_target, n_test=rl.n_test,

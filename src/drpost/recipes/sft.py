@@ -193,8 +193,15 @@ def _task_eval_settings(cfg: Config, data: SFTData) -> dict:
     }
 
 
+BF16_FIX = "Set `train.bf16: false` in the config (or pass --train.bf16 false; the demo: --no-autocast)."
+
+
 def autocast_dtype(cfg: Config):
-    """The recipe's autocast dtype (``train.bf16``: bfloat16, else None = no autocast)."""
+    """The recipe's autocast dtype (``train.bf16``: bfloat16, else None = no autocast); warns once
+    where bf16 is slower than fp32 (drpost.precision)."""
+    from drpost.precision import warn_if_slow_bf16
+
+    warn_if_slow_bf16(cfg.train.bf16, BF16_FIX)
     return torch.bfloat16 if cfg.train.bf16 else None
 
 

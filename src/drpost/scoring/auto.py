@@ -15,12 +15,14 @@ BYTE_COST = 16.0    # FLOP-equivalents per byte of temporaries
 class Measure:
     """What ``auto_calibration='measure'`` needs to time a layer's candidates (calibration.py):
     the factors' dtype and device, the share of steps that build the dense target (1 merged,
-    1/refresh_every separate) and, when the target is already cached, the cache form the
-    candidates must be able to read (None: any)."""
+    1/refresh_every separate), when the target is already cached, the cache form the
+    candidates must be able to read (None: any), and how many scored layers this step fed the
+    layer's input tensor (q/k/v: 3; they share pairwise_ghost's input-side Gram)."""
     dtype: torch.dtype
     device: torch.device
     target_share: float
     cache_kind: str | None = None
+    input_sharers: int = 1
 
 
 def factors_fit(rule, v: int, s: int) -> bool:
@@ -84,12 +86,29 @@ def choose_backend(requested: str, rule, b: int, v: int, s: int, k: int, *, mult
 
         timings = time_candidates(rule, [n for n, _ in fits], b, v, s, k, measure.dtype, measure.device,
                                   measure.target_share)
+        shared = _share_input_gram(timings, measure.input_sharers)
         best = min(timings, key=timings.get)
         shown = ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in sorted(timings.items(), key=lambda x: x[1]))
-        return best, f"measured fastest: {shown}{excluded}"
+        return best, f"measured fastest: {shown}{shared}{excluded}"
     best, cost = min(fits, key=lambda x: x[1])
     shown = ", ".join(f"{n} {c:.3g}" for n, c in sorted(fits, key=lambda x: x[1]))
     return best, f"modelled cheapest (FLOPs + {BYTE_COST:g}/byte): {shown}{excluded}"
+
+
+def _share_input_gram(timings: dict, n: int) -> str:
+    """Charge pairwise_ghost of a layer whose input feeds n scored layers its time with the input
+    Gram reused plus 1/n of the Gram (computed once between them); drop the reused timing from
+    ``timings``. Returns the note for the reason ('' when it does not apply)."""
+    from .calibration import REUSED
+
+    reused = timings.pop(REUSED, None)
+    full = timings.get("pairwise_ghost")
+    if reused is None or full is None or n <= 1:
+        return ""
+    reused = min(reused, full)
+    timings["pairwise_ghost"] = reused + (full - reused) / n
+    return (f" (pairwise_ghost: input Gram shared by {n} layers; {full * 1e3:.3g} ms computing it, "
+            f"{reused * 1e3:.3g} ms reusing it)")
 
 
 def _cache_kind(name: str) -> str:

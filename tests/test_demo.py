@@ -160,10 +160,12 @@ def test_demo_nproc_must_divide_the_batch(tmp_path, capsys):
     assert "--nproc must be >= 1" in capsys.readouterr().err
 
 
-def test_demo_runs_are_train_recipes_with_the_demo_settings(tmp_path):
+def test_demo_runs_are_train_recipes_with_the_demo_settings(tmp_path, monkeypatch):
     """Every method of the demo is a `drpost train` Config: the demo's settings, one run directory each."""
+    from drpost.recipes import demo
     from drpost.recipes.demo import demo_runs
 
+    monkeypatch.setattr(demo, "native_bf16", lambda device_type: True)
     runs = demo_runs(DemoConfig(), tmp_path, world=2)
     assert [m for m, _ in runs] == list(METHODS)
     for method, cfg in runs:
@@ -192,3 +194,15 @@ def test_recipes_import_only_public_names_of_each_other():
                     "sft", "rl", "spectrum", "demo", "demo_report", "selection_record", "common"):
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{path.name} imports {private} from {node.module}"
+
+
+def test_demo_leaves_bf16_off_where_it_has_no_native_kernels(tmp_path, monkeypatch):
+    """On a CPU without native bf16 GEMMs (AVX2 only) bf16 autocast is several times slower than fp32:
+    the demo trains in fp32 there (--no-autocast is then the default), and asked for fp32 it stays fp32."""
+    from drpost.recipes import demo
+
+    monkeypatch.setattr(demo, "native_bf16", lambda device_type: False)
+    assert all(not cfg.train.bf16 for _, cfg in demo.demo_runs(DemoConfig(), tmp_path))
+    monkeypatch.setattr(demo, "native_bf16", lambda device_type: True)
+    assert all(cfg.train.bf16 for _, cfg in demo.demo_runs(DemoConfig(), tmp_path))
+    assert all(not cfg.train.bf16 for _, cfg in demo.demo_runs(DemoConfig(autocast=False), tmp_path))

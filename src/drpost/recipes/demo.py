@@ -25,7 +25,8 @@ seed:
 full fine-tuning of every Linear weight and norm of the embedded SmolLM2-135M-Instruct (the tied
 embedding / lm_head stays frozen: it is 28 M of the 135 M parameters, and the feasibility probe
 learnt the task without it), AdamW lr 5e-5 with a constant learning rate and no gradient clipping,
-forward and backward under bf16 autocast (master weights and optimizer states in fp32), sequences of
+forward and backward under bf16 autocast (master weights and optimizer states in fp32; fp32 throughout
+on a CPU without native bf16 GEMMs, where bf16 is several times slower), sequences of
 at most 112 tokens (40-word article excerpts, an empty system turn instead of SmolLM's default system
 prompt), general batch B = 8 with k = 4 kept (``frac`` 0.5), 2 target rows per step merged into
 the same forward/backward, 8 target rows per step for target-only, 40 steps per method. LoRA was
@@ -67,6 +68,7 @@ import torch
 from drpost.config import Config, config_from_dict
 from drpost.distributed import LaunchRanks
 from drpost.engine.options import DrPostOptions, add_arguments, from_arguments, help_meta, option
+from drpost.precision import default_device_type, native_bf16
 from drpost.recipes.common import DTYPES, timestamped_dir, write_json
 from drpost.recipes.demo_report import format_table, notes
 
@@ -113,7 +115,9 @@ class DemoConfig:
     eval_batch_size: int = 25
     max_new_tokens: int = field(default=24, metadata=help_meta("greedy headline length cap for ROUGE-L"))
     rouge: bool = field(default=True, metadata=help_meta("generate headlines and report ROUGE-L"))
-    autocast: bool = field(default=True, metadata=help_meta("bf16 autocast for training and evaluation"))
+    autocast: bool = field(default=True, metadata=help_meta(
+        "bf16 autocast for training and evaluation (left off on a CPU without native bf16 GEMMs, "
+        "where fp32 is several times faster)"))
     system_prompt: str = ""  # "" = an empty system turn (shorter than SmolLM's default prompt)
     extra: dict = field(default_factory=dict)
 
@@ -142,6 +146,12 @@ def check_config(cfg: DemoConfig, world: int = 1) -> None:
         raise ValueError("headline_frac must be in [0, 1]")
 
 
+def autocast_used(cfg: DemoConfig) -> bool:
+    """bf16 autocast where asked and bf16 GEMMs are native here; off on a CPU without them (AVX2
+    only), where it would make the demo several times slower (drpost.precision)."""
+    return cfg.autocast and native_bf16(default_device_type())
+
+
 # ---------------------------------------------------------------------------------- the recipe
 def demo_recipe(cfg: DemoConfig, method: str = "standard", output_dir: str | Path = "runs", world: int = 1) -> dict:
     """The ``drpost train`` recipe (a config dict) of one demo run: its data, model, drpost and
@@ -164,7 +174,7 @@ def demo_recipe(cfg: DemoConfig, method: str = "standard", output_dir: str | Pat
         },
         "train": {
             "steps": cfg.steps, "lr": cfg.lr, "batch_size": cfg.batch_size // world, "grad_accum": 1,
-            "bf16": cfg.autocast, "weight_decay": 0.0, "warmup_steps": 0, "lr_scheduler": "constant",
+            "bf16": autocast_used(cfg), "weight_decay": 0.0, "warmup_steps": 0, "lr_scheduler": "constant",
             "max_grad_norm": 0.0, "lora_r": 0, "freeze_embeddings": True, "eval_every": cfg.eval_every,
             "save_steps": 0, "save_final": False, "logging_steps": 1, "seed": cfg.seed,
         },
@@ -237,7 +247,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
     if ranks.main:
         (run_dir / "config.json").write_text(json.dumps(
-            {**config, "torch_threads": torch.get_num_threads(), "processes": ranks.world, "command": "drpost demo"},
+            {**config, "autocast_used": autocast_used(cfg), "torch_threads": torch.get_num_threads(),
+             "processes": ranks.world, "command": "drpost demo"},
             indent=2))
     runs = demo_runs(cfg, run_dir, ranks.world)
     n_layers, data, base = _base_eval(runs[0][1], cfg, ranks)
@@ -247,6 +258,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"{data.stats['general_kinds']}, methods {', '.join(cfg.methods)}: {cfg.steps} steps x "
         f"{cfg.batch_size} general rows" + (f" over {ranks.world} processes" if ranks.world > 1 else "")
         + f", lr {cfg.lr:g}, seed {cfg.seed}, run dir {run_dir}", flush=True)
+    if cfg.autocast and not autocast_used(cfg):
+        say(f"drpost demo: bf16 autocast left off: this CPU (torch capability "
+            f"{torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix multiply, so fp32 is "
+            "several times faster here", flush=True)
     if ranks.main:
         print(f"base model: test perplexity {base['test_ppl']:.2f}"
               + (f", ROUGE-L {base['rougeL']:.3f}" if cfg.rouge else ""), flush=True)

@@ -15,6 +15,7 @@ import torch
 
 logger = logging.getLogger("drpost.precision")
 _WARNED: set = set()
+RECIPE_FIX = "Set `train.bf16: false` in the config (or pass --train.bf16 false; the demo: --no-autocast)."
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,7 +36,15 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def warn_if_slow_bf16(bf16: bool, fix: str, device_type: str | None = None) -> bool:
+def missing_bf16(device_type: str) -> str:
+    """What the device lacks, for a message."""
+    if device_type == "cpu":
+        return (f"this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+                "matrix multiply (oneDNN needs AVX512-BF16 or AMX)")
+    return f"this {device_type} device has no native bf16 support"
+
+
+def warn_if_slow_bf16(bf16: bool, fix: str = RECIPE_FIX, device_type: str | None = None) -> bool:
     """Log a warning (once per process and device type) when bf16 autocast is asked for where bf16
     GEMMs have no native kernel; ``fix`` says how to turn it off. Returns whether it is slow there."""
     device_type = device_type or default_device_type()
@@ -43,9 +52,6 @@ def warn_if_slow_bf16(bf16: bool, fix: str, device_type: str | None = None) -> b
         return False
     if device_type not in _WARNED:
         _WARNED.add(device_type)
-        what = (f"this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has no native "
-                "bf16 matrix multiply (oneDNN needs AVX512-BF16 or AMX)" if device_type == "cpu"
-                else f"this {device_type} device has no native bf16 support")
         logger.warning("bf16 autocast is on, but %s: bf16 GEMMs fall back to a generic kernel, several "
-                       "times slower than fp32, so the run is slower, not faster. %s", what, fix)
+                       "times slower than fp32, so the run is slower, not faster. %s", missing_bf16(device_type), fix)
     return True

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..layers.linear import tensor_key
+
 
 @dataclass
 class StepStats:
@@ -89,7 +91,7 @@ class StepState:
         """Record that ``group`` read ``a`` in this forward: groups fed one live tensor (q/k/v,
         gate/up) share its input-side Gram (``group.input_sharers``, the set of their names). A key
         whose tensor has died (its memory reused: activation checkpointing) starts afresh."""
-        key = (a.data_ptr(), tuple(a.shape), a.stride(), a.dtype, a.device, a._version)
+        key = tensor_key(a)
         entry = self.input_users.get(key)
         if entry is None or entry[0]() is None:
             entry = self.input_users[key] = (weakref.ref(a), set())

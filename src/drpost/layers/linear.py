@@ -15,6 +15,12 @@ from .base import TIED_PROJECTION, Factors, LayerRule, acc_dtype, add_into, row_
 from .registry import register_rule
 
 
+def tensor_key(t: torch.Tensor) -> tuple:
+    """What identifies one tensor's current contents: its memory, shape, strides, dtype, device and
+    version (no in-place change since). Only meaningful while the tensor is alive."""
+    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
+
+
 class InputGrams(threading.local):
     """The last few input-side Grams (x_s . x_t) the rules computed, for a later rule that reads the
     same input: q/k/v (and gate/up) of a decoder layer project one tensor, and their groups are scored
@@ -30,12 +36,8 @@ class InputGrams(threading.local):
         self.entries: list = []
         self.enabled = True
 
-    @staticmethod
-    def _key(t: torch.Tensor):
-        return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
-
     def cross(self, a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
-        key = (self._key(a1), self._key(a2))
+        key = (tensor_key(a1), tensor_key(a2))
         if self.enabled:
             for entry in self.entries:
                 if entry[0] == key:

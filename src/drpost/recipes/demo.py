@@ -68,7 +68,7 @@ import torch
 from drpost.config import Config, config_from_dict
 from drpost.distributed import LaunchRanks
 from drpost.engine.options import DrPostOptions, add_arguments, from_arguments, help_meta, option
-from drpost.precision import default_device_type, native_bf16
+from drpost.precision import default_device_type, missing_bf16, native_bf16
 from drpost.recipes.common import DTYPES, timestamped_dir, write_json
 from drpost.recipes.demo_report import format_table, notes
 
@@ -259,8 +259,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"{cfg.batch_size} general rows" + (f" over {ranks.world} processes" if ranks.world > 1 else "")
         + f", lr {cfg.lr:g}, seed {cfg.seed}, run dir {run_dir}", flush=True)
     if cfg.autocast and not autocast_used(cfg):
-        say(f"drpost demo: bf16 autocast left off: this CPU (torch capability "
-            f"{torch.backends.cpu.get_cpu_capability()}) has no native bf16 matrix multiply, so fp32 is "
+        say(f"drpost demo: bf16 autocast left off: {missing_bf16(default_device_type())}, so fp32 is "
             "several times faster here", flush=True)
     if ranks.main:
         print(f"base model: test perplexity {base['test_ppl']:.2f}"

@@ -40,6 +40,7 @@ import torch
 from drpost.config import Config, config_to_dict, save_config
 from drpost.evaluation.generation import generate
 from drpost.models import load_model
+from drpost.precision import warn_if_slow_bf16
 from drpost.rl import PolicyGradientConfig, PolicyGradientTrainer
 from drpost.rl import tasks as rl_tasks
 from drpost.rl.reward_model import (RewardModelScorer, pair_accuracy, reward_model_from_causal_lm,
@@ -172,10 +173,7 @@ def _run_loop(cfg: Config, overwrite: bool = False, progress: bool = True) -> di
     check_run_dir(cfg, resume=False, overwrite=overwrite)
     if t.threads:
         torch.set_num_threads(t.threads)
-    from drpost.precision import warn_if_slow_bf16
-    from drpost.recipes.sft import BF16_FIX
-
-    warn_if_slow_bf16(t.bf16, BF16_FIX)
+    warn_if_slow_bf16(t.bf16)
     set_seed(t.seed)
     task = rl_tasks.build_task(rl.task, n_train=rl.n_train, n_target=rl.n_target, n_test=rl.n_test,
                                n_pairs=rl.n_pairs, prompt_words=rl.prompt_words, balanced=rl.balanced)

@@ -65,6 +65,7 @@ import torch
 
 from drpost.config import Config, config_to_dict, save_config
 from drpost.models import load_model
+from drpost.precision import warn_if_slow_bf16
 from drpost.rl import tasks as rl_tasks
 
 from .common import (DTYPES, check_run_dir, clear_disk_errors, jsonable, last_checkpoint, make_run_dir,
@@ -242,10 +243,7 @@ def run_grpo(cfg: Config, overwrite: bool = False, progress: bool = True, resume
     ranks.barrier()
     if t.threads:
         torch.set_num_threads(t.threads)
-    from drpost.precision import warn_if_slow_bf16
-    from drpost.recipes.sft import BF16_FIX
-
-    warn_if_slow_bf16(t.bf16, BF16_FIX)
+    warn_if_slow_bf16(t.bf16)
     grpo_layout(cfg, ranks.world)                # a bad layout fails before anything is loaded
     set_seed(t.seed)
     task = rl_tasks.build_task(rl.task, n_train=rl.n_train, n_target=rl.n_target, n_test=rl.n_test,

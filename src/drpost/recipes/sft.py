@@ -54,6 +54,7 @@ from drpost.evaluation.metrics import generation_scores
 from drpost.integrations.trl_sft import DrPostSFTConfig, DrPostSFTTrainer
 from drpost.models import load_model
 from drpost.plots import plot_curves
+from drpost.precision import warn_if_slow_bf16
 from drpost.recipes.common import (DTYPES, DiskFullError, RunDirError, check_run_dir,  # noqa: F401 (re-exported)
                                    clear_disk_errors, jsonable, last_checkpoint, make_run_dir, prepare_trainable)
 from drpost.recipes.offline import offline_cost, offline_subset
@@ -193,15 +194,10 @@ def _task_eval_settings(cfg: Config, data: SFTData) -> dict:
     }
 
 
-BF16_FIX = "Set `train.bf16: false` in the config (or pass --train.bf16 false; the demo: --no-autocast)."
-
-
 def autocast_dtype(cfg: Config):
     """The recipe's autocast dtype (``train.bf16``: bfloat16, else None = no autocast); warns once
     where bf16 is slower than fp32 (drpost.precision)."""
-    from drpost.precision import warn_if_slow_bf16
-
-    warn_if_slow_bf16(cfg.train.bf16, BF16_FIX)
+    warn_if_slow_bf16(cfg.train.bf16)
     return torch.bfloat16 if cfg.train.bf16 else None
 
 

@@ -87,3 +87,26 @@ def test_empty_and_unknown():
     assert g.cache is None
     with pytest.raises(ValueError, match="unknown cached target kind 'gradient'"):
         g.load_cache_state({"kind": "gradient", "repr": {}})
+
+
+def test_sketch_caches_from_before_shared_input_sketches_are_captured_again():
+    """A checkpoint written before layers fed one input drew one input-side sketch holds target
+    sketches projected with other matrices: they are dropped with a warning and the next step
+    captures the target again (and then trains as an engine that captured it itself)."""
+    model = mt.BUILDERS["llama_tied"]()
+    general, target = mt.make_batch(6, 10, seed=1), mt.make_batch(3, 10, seed=2)
+    twin = copy.deepcopy(model)
+    reg = _reg(model, "sketch")
+    reg.capture_target(target)
+    state = reg.state_dict()
+    assert state.pop("sketch_inputs_shared") is True
+    other = _reg(twin, "sketch")
+    with pytest.warns(UserWarning, match="predate shared input sketches"):
+        other.load_state_dict(state)
+    assert all(g.cache is None for g in other.layer_groups)
+    with pytest.raises(ValueError, match="target"):
+        other.backward(general)                     # the target is due again
+    reg.backward(general)
+    other.backward(general, target)
+    a, b = _grads(model), _grads(twin)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

@@ -19,7 +19,7 @@ import torch
 
 from .. import feasible as fs
 from ..group import LayerGroup, add_into
-from ..layers.linear import INPUT_GRAMS
+from ..layers.input_products import INPUT_PRODUCTS
 from ..scoring import cache_reader
 from ..scoring.auto import Measure
 from . import selection
@@ -65,7 +65,7 @@ class Pipeline:
         for g in self.groups:
             g.reset()
         self.step = StepState()
-        INPUT_GRAMS.clear()
+        INPUT_PRODUCTS.clear()
 
     def begin_forward(self, mode, rows: int, n_general: int, n_target: int, layout=None) -> None:
         self.step.begin_forward(mode, rows, n_general, n_target, layout)
@@ -118,7 +118,7 @@ class Pipeline:
                 group.calls = len(group.pending)
                 self._complete(group)
         self._decide(0)
-        INPUT_GRAMS.clear()   # the end of a backward's scoring: keep no input alive past it
+        INPUT_PRODUCTS.clear()   # the end of a backward's scoring: keep no input alive past it
 
     def check_recomputed(self) -> None:
         """After a backward whose forward ran scored modules with autograd off (the first forward

@@ -213,7 +213,7 @@ class DataRegularizer:
         t = self._target
         return {"generator": self._generator.get_state(), "steps_since_capture": t.age,
                 "target_caches": caches, "tokens_target_total": t.tokens, "target_loss": t.loss,
-                "sketch_seed": self.options.seed}
+                "sketch_seed": self.options.seed, "sketch_inputs_shared": True}
 
     def load_state_dict(self, state: dict) -> None:
         self._generator.set_state(state["generator"])
@@ -222,7 +222,14 @@ class DataRegularizer:
         if state.get("tokens_target_total") is not None:
             t.tokens = state["tokens_target_total"]
         by_name = {g.name: g for g in self._att.groups}
-        for name, c in state.get("target_caches", {}).items():
+        caches = state.get("target_caches", {})
+        if not state.get("sketch_inputs_shared") and any(c["kind"] == "sketch" for c in caches.values()):
+            # written before layers fed one input drew one input-side sketch: the cached target
+            # sketches were projected with other matrices than this engine's, so capture it afresh
+            warnings.warn("drpost: the checkpoint's cached target sketches predate shared input sketches; "
+                          "the target is captured again at the next step", stacklevel=2)
+            caches, t.age = {}, None
+        for name, c in caches.items():
             if name not in by_name:
                 raise ValueError(f"checkpointed target gradient for layer {name!r}, which this model lacks")
             by_name[name].load_cache_state(c)

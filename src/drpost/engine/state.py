@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..layers.linear import tensor_key
+from ..layers.input_products import tensor_key
 
 
 @dataclass

@@ -84,6 +84,7 @@ class LayerRule(abc.ABC):
     supports: tuple[str, ...] = ("reduced_ghost",)
     broadcast_input_ok = False
     tied_form: str | None = None
+    shares_input = False    # may draw its input-side sketch with the other layers fed its input
 
     def __init__(self, module: torch.nn.Module):
         self.module = module

@@ -6,68 +6,18 @@ trick), or from G_i materialised (``per_sample``) when that is cheaper.
 """
 from __future__ import annotations
 
-import threading
-from contextlib import contextmanager
-
 import torch
 
 from .base import TIED_PROJECTION, Factors, LayerRule, acc_dtype, add_into, row_runs
+from .input_products import INPUT_PRODUCTS
 from .registry import register_rule
-
-
-def tensor_key(t: torch.Tensor) -> tuple:
-    """What identifies one tensor's current contents: its memory, shape, strides, dtype, device and
-    version (no in-place change since). Only meaningful while the tensor is alive."""
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version)
-
-
-class InputGrams(threading.local):
-    """The last few input-side Grams (x_s . x_t) the rules computed, for a later rule that reads the
-    same input: q/k/v (and gate/up) of a decoder layer project one tensor, and their groups are scored
-    close together in the backward (with LoRA, each lora_B between the lora_A's), so two of three such
-    GEMMs are skipped. An entry holds the tensors it was computed from, so no other tensor can take
-    their memory while it is kept, and matches only the same memory, shape, strides and version (no
-    in-place change since). The engine clears it after every backward, so that it keeps nothing alive;
-    it is per thread."""
-
-    size = 4
-
-    def __init__(self):
-        self.entries: list = []
-        self.enabled = True
-
-    def cross(self, a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
-        key = (tensor_key(a1), tensor_key(a2))
-        if self.enabled:
-            for entry in self.entries:
-                if entry[0] == key:
-                    return entry[-1]
-        c = LinearRule._cross(a1, a2)
-        if self.enabled:
-            self.entries = [(key, a1, a2, c)] + self.entries[:self.size - 1]
-        return c
-
-    def clear(self) -> None:
-        self.entries = []
-
-    @contextmanager
-    def disabled(self):
-        """No reuse inside (timing one rule's scores: calibration)."""
-        old, self.enabled = self.enabled, False
-        self.clear()
-        try:
-            yield
-        finally:
-            self.enabled = old
-
-
-INPUT_GRAMS = InputGrams()
 
 
 @register_rule(torch.nn.Linear)
 class LinearRule(LayerRule):
     kind = "linear"
     supports = ("reduced_ghost", "pairwise_ghost", "direct", "sketch")
+    shares_input = True
 
     def __init__(self, module: torch.nn.Module, transposed: bool = False):
         super().__init__(module)
@@ -164,7 +114,8 @@ class LinearRule(LayerRule):
 
     def _input_gram(self, a1, a2):
         """(x_s . x_t) (+1 for the bias column), [N1, S1, N2, S2]."""
-        c = INPUT_GRAMS.cross(a1, a2) if self.weight is not None else None
+        c = (INPUT_PRODUCTS.get(("gram",), (a1, a2), lambda: self._cross(a1, a2))
+             if self.weight is not None else None)
         if self.has_bias:
             c = c + 1 if c is not None else a1.new_ones(a1.shape[0], a1.shape[1], a2.shape[0], a2.shape[1])
         return c

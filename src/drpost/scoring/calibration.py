@@ -16,7 +16,7 @@ layer on random factors of that shape, through the rule's own methods:
 With the separate target strategy the target build runs once per ``refresh_every`` steps and is
 counted at that share. ``pairwise_ghost`` is timed a second time with its input-side Gram already
 computed (``REUSED``): layers fed one input tensor (q/k/v, gate/up) compute that Gram once between
-them (:class:`drpost.layers.linear.InputGrams`), so :mod:`drpost.scoring.auto` charges each of n such
+them (:class:`drpost.layers.input_products.InputProducts`), so :mod:`drpost.scoring.auto` charges each of n such
 layers the reused time plus 1/n of the Gram. Each candidate is timed ``REPS`` times (after a warm-up call); the median
 wins. Results are cached in memory and in a JSON file per machine
 (``$DRPOST_CALIBRATION_CACHE``, default ``~/.cache/drpost/scoring_calibration.json``; keyed by
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..layers import Factors
-from ..layers.linear import INPUT_GRAMS
+from ..layers.input_products import INPUT_PRODUCTS
 
 REPS = 5
 REUSED = "pairwise_ghost|input_gram_reused"   # pairwise_ghost with its input-side Gram already computed
@@ -168,7 +168,7 @@ def measure(rule, candidates: list[str], b: int, v: int, s: int, k: int, dtype: 
 
     gen, tgt = factors(b), factors(v)
     timings = {}
-    with torch.no_grad(), INPUT_GRAMS.disabled():   # each candidate timed on its own work
+    with torch.no_grad(), INPUT_PRODUCTS.disabled():   # each candidate timed on its own work
         for name in candidates:
             run, build = _kernels(rule, name, gen, tgt, min(k, gen.n), target_share)
             seconds = _median_seconds(run, device)
@@ -179,7 +179,7 @@ def measure(rule, candidates: list[str], b: int, v: int, s: int, k: int, dtype: 
         run, _ = _kernels(rule, REUSED, gen, tgt, min(k, gen.n), target_share)
         with torch.no_grad():   # input Grams kept: the warm-up call computes it, the timed calls reuse it
             timings[REUSED] = _median_seconds(run, device)
-        INPUT_GRAMS.clear()     # its entry holds the random factors
+        INPUT_PRODUCTS.clear()     # its entry holds the random factors
     _MEMORY[key] = dict(have or {}) | timings
     _store(key, _MEMORY[key])
     return timings

@@ -6,15 +6,23 @@ P1^T G_i P2 = sum_s (P1^T delta_s)(P2^T x_s)^T needs only the projected factors.
 unbiased estimate of <G_i, G_T>. A side whose width is at most k is left unprojected (identity).
 The bias is handled as an implicit constant-1 input column.
 
+Layers fed one input tensor (q/k/v, gate/up, found by the forward: ``group.input_sharers``) draw
+the same input-side projection P2, seeded by the set's first name, so that x P2 is computed once
+between them (:class:`drpost.layers.input_products.InputProducts`). Each layer's sketched score stays
+unbiased and its layerwise choice is unaffected; the sharers' estimation errors are correlated, which
+only a sum of their scores (the ``global`` feasible set) sees.
+
 The ``sketch`` back-end scores, normalises and builds Gram matrices from these sketches; a rule
 takes part by listing "sketch" in ``supports`` and giving ``sketch`` and ``sketch_dims``.
 """
 from __future__ import annotations
 
 import re
+import zlib
 
 import torch
 
+from ..layers.input_products import INPUT_PRODUCTS
 from .base import ScoringBackend
 
 _SPEC = re.compile(r"^(gaussian|normal|countsketch|sjlt)-(\d+)(?:x(\d+))?$")
@@ -59,19 +67,31 @@ class _Side:
 class LayerSketch:
     """Projections for one layer: ``left`` acts on the output gradient [.., O], ``right`` on the
     input [.., I] followed by an implicit column of ones when the layer has a trainable bias
-    (and without the input columns when the weight is frozen)."""
+    (and without the input columns when the weight is frozen). With ``right_seed`` the input side
+    is drawn from its own generator, so that layers given the same seed and widths draw the same
+    P2, and ``right`` is computed once per input tensor among them."""
 
     def __init__(self, kind: str, k1: int, k2: int, out_dim: int, in_dim: int, weight: bool, bias: bool,
-                 seed: int, device, dtype=torch.float32):
+                 seed: int, device, dtype=torch.float32, right_seed: int | None = None):
         gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
         self.weight, self.bias = weight, bias
         self.left_side = _Side(kind, out_dim, k1, gen, device, dtype)
-        self.right_side = _Side(kind, in_dim * int(weight) + int(bias), k2, gen, device, dtype)
+        right_dim = in_dim * int(weight) + int(bias)
+        if right_seed is not None:
+            gen = torch.Generator().manual_seed(int(right_seed) & 0x7FFFFFFFFFFFFFFF)
+        self.right_side = _Side(kind, right_dim, k2, gen, device, dtype)
+        plain = self.right_side.identity and not bias      # x itself: nothing to share
+        self.shared = None if right_seed is None or plain else ("sketch", right_seed, kind, right_dim, k2, weight, bias)
 
     def left(self, d: torch.Tensor) -> torch.Tensor:
         return self.left_side.apply(d)
 
     def right(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared is None:
+            return self._right(x)
+        return INPUT_PRODUCTS.get(self.shared, (x,), lambda: self._right(x))
+
+    def _right(self, x: torch.Tensor) -> torch.Tensor:
         side = self.right_side
         if not self.weight:
             x = x[..., :0]
@@ -83,13 +103,23 @@ class LayerSketch:
         return side.apply(torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1))
 
 
+def _shared_right_seed(group, cfg, rule) -> int | None:
+    """The input-side seed a one-rule, one-call Linear group shares with the other groups its input
+    fed in the forward (seeded by the first of their names: the same on every rank and run)."""
+    sharers = group.input_sharers
+    if not getattr(rule, "shares_input", False) or len(sharers) < 2 or group.multi_use or len(group.rules) > 1:
+        return None
+    return cfg.seed * 1_000_003 + 15_485_863 * (zlib.crc32(min(sharers).encode()) + 1)
+
+
 def projection(group, cfg, rule) -> LayerSketch:
-    """The group's fixed random projection for one rule (drawn once, seeded by layer and rule)."""
+    """The group's fixed random projection for one rule (drawn once, seeded by layer and rule; the
+    input side by its sharers)."""
     sk = group.sketches.get(id(rule))
     if sk is None:
         sk = LayerSketch(cfg.sketch_kind, cfg.sketch_k1, cfg.sketch_k2, *rule.sketch_dims(),
                          seed=cfg.seed * 1_000_003 + group.index * 7919 + len(group.sketches),
-                         device=rule.params[0].device)
+                         device=rule.params[0].device, right_seed=_shared_right_seed(group, cfg, rule))
         group.sketches[id(rule)] = sk
     return sk
 

@@ -29,23 +29,30 @@ def _count_gemms(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("strategy", ["merged", "separate"])
-@pytest.mark.parametrize("model_name", ["llama_tied", "llama_lora", "gpt2"])
-def test_shared_input_gram_gives_the_same_scores(model_name, strategy, monkeypatch):
-    case = get_case(model_name)
-    kw = dict(scoring="pairwise_ghost", strategy=strategy)
-    calls = _count_gemms(monkeypatch)
+def _with_and_without_reuse(case, calls: list, **kw):
+    """One layerwise step with the input products shared, one without: ({layer: scores}, number of
+    counted products, {name: group}) and ({layer: scores}, number of counted products)."""
     reg = make_reg(case.fresh(), "layerwise", **kw)
     reg.backward(case.general, case.target)
-    shared, n_shared = {k: v.clone() for k, v in reg.last_scores.items()}, len(calls)
+    shared, n_shared = {k: v.detach().double().clone() for k, v in reg.last_scores.items()}, len(calls)
+    groups = {g.name: g for g in reg._pipeline.groups}
     reg.detach()
-    assert not INPUT_PRODUCTS.entries, "an input Gram was kept after the backward"
+    assert not INPUT_PRODUCTS.entries, "an input product was kept after the backward"
     calls.clear()
     with INPUT_PRODUCTS.disabled():
         reg = make_reg(case.fresh(), "layerwise", **kw)
         reg.backward(case.general, case.target)
-    alone, n_alone = reg.last_scores, len(calls)
+    alone, n_alone = {k: v.detach().double() for k, v in reg.last_scores.items()}, len(calls)
     reg.detach()
+    return (shared, n_shared, groups), (alone, n_alone)
+
+
+@pytest.mark.parametrize("strategy", ["merged", "separate"])
+@pytest.mark.parametrize("model_name", ["llama_tied", "llama_lora", "gpt2"])
+def test_shared_input_gram_gives_the_same_scores(model_name, strategy, monkeypatch):
+    case = get_case(model_name)
+    (shared, n_shared, _), (alone, n_alone) = _with_and_without_reuse(
+        case, _count_gemms(monkeypatch), scoring="pairwise_ghost", strategy=strategy)
     for n in alone:
         assert torch.equal(shared[n], alone[n]), n
     for n in case.oracle.names:
@@ -113,7 +120,8 @@ def _sketched(g: torch.Tensor, sk) -> torch.Tensor:
 
 @pytest.mark.parametrize("strategy", ["merged", "separate"])
 @pytest.mark.parametrize("model_name,sharing", [
-    ("llama_untied_bias", [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]),
+    ("llama_untied_bias", [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                           ("mlp.gate_proj", "mlp.up_proj")]),
     ("llama_lora", [("self_attn.q_proj.lora_A.default", "self_attn.v_proj.lora_A.default")])])
 def test_sharers_draw_one_input_sketch_and_compute_it_once(model_name, sharing, strategy, monkeypatch):
     """Gaussian 6 x 6 sketches of a tiny Llama (widths 16 / 32: every side projected): the layers fed one
@@ -122,23 +130,11 @@ def test_sharers_draw_one_input_sketch_and_compute_it_once(model_name, sharing, 
     products <P1^T G_i P2, P1^T G_T P2> of the oracle's per-sample gradients (float64)."""
     case = get_case(model_name)
     orc = case.oracle
-    calls = _count_input_sketches(monkeypatch)
-    kw = dict(scoring="sketch", strategy=strategy, sketch="gaussian-6x6")
-    reg = make_reg(case.fresh(), "layerwise", **kw)
-    reg.backward(case.general, case.target)
-    shared, n_shared = {k: v.detach().double().clone() for k, v in reg.last_scores.items()}, len(calls)
-    groups = {g.name: g for g in reg._pipeline.groups}
-    reg.detach()
-    assert not INPUT_PRODUCTS.entries, "an input sketch was kept after the backward"
-    calls.clear()
-    with INPUT_PRODUCTS.disabled():
-        reg = make_reg(case.fresh(), "layerwise", **kw)
-        reg.backward(case.general, case.target)
-    alone, n_alone = reg.last_scores, len(calls)
-    reg.detach()
+    (shared, n_shared, groups), (alone, n_alone) = _with_and_without_reuse(
+        case, _count_input_sketches(monkeypatch), scoring="sketch", strategy=strategy, sketch="gaussian-6x6")
     assert n_shared < n_alone, (n_shared, n_alone)
     for n in alone:
-        assert torch.equal(shared[n], alone[n].double()), n
+        assert torch.equal(shared[n], alone[n]), n
     prefix = [n for n in groups if "layers.0." in n][0].split("layers.0.")[0] + "layers.0."
 
     def sketch_of(suffix):

@@ -16,9 +16,9 @@ layer on random factors of that shape, through the rule's own methods:
 With the separate target strategy the target build runs once per ``refresh_every`` steps and is
 counted at that share. ``pairwise_ghost`` is timed a second time with its input-side Gram already
 computed (``REUSED``): layers fed one input tensor (q/k/v, gate/up) compute that Gram once between
-them (:class:`drpost.layers.input_products.InputProducts`), so :mod:`drpost.scoring.auto` charges each of n such
-layers the reused time plus 1/n of the Gram. Each candidate is timed ``REPS`` times (after a warm-up call); the median
-wins. Results are cached in memory and in a JSON file per machine
+them (:class:`drpost.layers.input_products.InputProducts`), so :mod:`drpost.scoring.auto` charges
+each of n such layers the reused time plus 1/n of the Gram. Each candidate is timed ``REPS`` times
+(after a warm-up call); the median wins. Results are cached in memory and in a JSON file per machine
 (``$DRPOST_CALIBRATION_CACHE``, default ``~/.cache/drpost/scoring_calibration.json``; keyed by
 host, CPU/GPU, torch version and thread count), so a shape is measured once per machine, and a
 resumed run chooses as the first one did. A distributed engine keeps the modelled choice (every

@@ -9,8 +9,8 @@ The bias is handled as an implicit constant-1 input column.
 Layers fed one input tensor (q/k/v, gate/up, found by the forward: ``group.input_sharers``) draw
 the same input-side projection P2, seeded by the set's first name, so that x P2 is computed once
 between them (:class:`drpost.layers.input_products.InputProducts`). Each layer's sketched score stays
-unbiased and its layerwise choice is unaffected; the sharers' estimation errors are correlated, which
-only a sum of their scores (the ``global`` feasible set) sees.
+unbiased (its layerwise choice has the same distribution as with a P2 of its own); the sharers'
+estimation errors are correlated, which only a sum of their scores (the ``global`` feasible set) sees.
 
 The ``sketch`` back-end scores, normalises and builds Gram matrices from these sketches; a rule
 takes part by listing "sketch" in ``supports`` and giving ``sketch`` and ``sketch_dims``.

@@ -107,7 +107,7 @@ def _shared_right_seed(group, cfg, rule) -> int | None:
     """The input-side seed a one-rule, one-call Linear group shares with the other groups its input
     fed in the forward (seeded by the first of their names: the same on every rank and run)."""
     sharers = group.input_sharers
-    if not getattr(rule, "shares_input", False) or len(sharers) < 2 or group.multi_use or len(group.rules) > 1:
+    if not rule.shares_input or len(sharers) < 2 or group.multi_use:     # multi_use: several rules or calls
         return None
     return cfg.seed * 1_000_003 + 15_485_863 * (zlib.crc32(min(sharers).encode()) + 1)
 

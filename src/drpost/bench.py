@@ -273,6 +273,8 @@ class _Bench:
         reg.profiler = timer
         with self.autocast():
             reg.backward(self.general, self.target)
+        # did this step forward target rows (merged: always; separate: when it captured the target)?
+        self.target_pass = reg.options.target_strategy == "merged" or reg.steps_since_capture == 1
         self.backends[key] = dict(reg.layer_backends)
         self.backend_reasons[key] = dict(reg.layer_backend_reasons)
         self._optimizer_step(timer)
@@ -370,6 +372,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
     cpu = {k: [] for k in keys}
     peaks = {k: [] for k in keys}
     failed: dict[str, str] = {}
+    target_passes: dict[str, int] = {}   # timed steps that forwarded target rows, per drpost variant
     memory_notes = {}
     if memory in ("subprocess", "live"):  # first, while this process holds no model
         for key, m in memory_in_subprocesses(cfg, keys, progress, live=memory == "live").items():
@@ -404,6 +407,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 bench.opt.zero_grad(set_to_none=True)
                 continue
             if rep >= cfg.warmup:
+                if ":" in key and not key.startswith("naive:"):
+                    target_passes[key] = target_passes.get(key, 0) + int(bench.target_pass)
                 times[key].append(dt)
                 cpu[key].append(dc)
                 if hasattr(meter, "peak"):
@@ -451,6 +456,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                          times[key], times["plain"], cpu[key], cpu["plain"]),
                      "peak_mb": max(peaks[key]) / 2 ** 20 if peaks[key] else float("nan"),
                      "memory_ratio": max(peaks[key]) / base_m if peaks[key] else float("nan"),
+                     "target_passes": target_passes.get(key),
                      "memory_note": memory_notes.get(key), "backends": used, "breakdown_s": breakdown.get(key, {}),
                      "breakdown_by_layer_type_s": by_kind.get(key, {}),
                      "backend_reasons": _reasons_by_choice(bench.backends.get(key, {}),

@@ -41,9 +41,12 @@ def format_report(report: dict) -> str:
     cycles = [(r["config"], r["cycle_ratio"]) for r in report["rows"] if r.get("cycle_ratio") and r["config"] != "plain"]
     if cycles:
         n, every = cycles[0][1]["steps"], cycles[0][1]["refresh_every"]
+        passes = {r["config"]: r.get("target_passes") for r in report["rows"]}
         lines += ["", f"Amortised over whole refresh cycles (the first {n} timed steps, one target refresh in "
                   f"every {every}): summed time over the plain steps' — "
-                  + "; ".join(f"{k}: CPU time {v['cpu']:.3f}, wall {v['wall']:.3f}" for k, v in cycles) + "."]
+                  + "; ".join(f"{k}: CPU time {v['cpu']:.3f}, wall {v['wall']:.3f}" for k, v in cycles) + ".",
+                  "", "Target passes in the timed steps: " + "; ".join(
+                      f"{k} {passes[k]} of {len(report['times'][k])}" for k, _ in cycles) + "."]
     why = [(r["config"], g) for r in report["rows"] if ":auto" in r["config"] or r["config"].endswith("auto")
            for g in r.get("backend_reasons") or []]
     if why:

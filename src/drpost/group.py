@@ -39,6 +39,12 @@ class LayerGroup:
     def name(self) -> str:
         return "+".join(self.names)
 
+    def signature(self) -> tuple:
+        """What a cached target representation depends on: the modules (names, rule types) and the
+        parameter objects with their shapes, dtypes and devices."""
+        return (self.name, tuple(type(r).__name__ for r in self.rules),
+                tuple((id(p), tuple(p.shape), p.dtype, p.device) for p in self.params))
+
     @property
     def multi_use(self) -> bool:
         return len(self.rules) > 1 or self.calls > 1

@@ -117,11 +117,21 @@ class DataRegularizer:
     def attach(self) -> None:
         """Put the hooks back after :meth:`detach` (a no-op while attached). The groups are rebuilt
         from the model's current trainable parameters; the selection RNG is kept. A cached target
-        gradient (``target_strategy="separate"``) lived in the old groups: the next step recaptures it."""
+        gradient (``target_strategy="separate"``) and its age are kept when the scored layers are
+        the same (same modules, the same parameter objects, dtypes and devices); when they changed
+        (a parameter frozen or unfrozen, the model moved) the next step captures the target again."""
         if self._att.hooked or not self.options.selects:
             return
-        self._target.age = None
+        old = self._att.groups
+        kept = {g.name: c for g in old if (c := g.cache_state()) is not None}
         self._attach()
+        if self._target.age is None or not kept:
+            return
+        if [g.signature() for g in old] != [g.signature() for g in self._att.groups]:
+            self._target.age = None
+            return
+        for g in self._att.groups:
+            g.load_cache_state(kept.get(g.name))
 
     def detach(self) -> None:
         """Remove every hook: the model is exactly as before attach."""
@@ -171,6 +181,12 @@ class DataRegularizer:
     def layer_groups(self) -> list:
         """The scored layers as :class:`drpost.group.LayerGroup` objects (rules, parameters, caches)."""
         return list(self._att.groups)
+
+    @property
+    def steps_since_capture(self) -> int | None:
+        """Separate strategy: optimisation steps since the cached target was captured (1 right after
+        the step that captured it; None: the next step captures it)."""
+        return self._target.age
 
     @property
     def profiler(self):

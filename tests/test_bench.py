@@ -212,7 +212,7 @@ def test_reattaching_a_separate_strategy_keeps_the_cached_target(scoring):
             reg.attach()
         reg.backward(general, None)  # age 1 of 3: the cached target is used
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-        assert reg.state_dict()["steps_since_capture"] == 2
+        assert reg.steps_since_capture == 2 == reg.state_dict()["steps_since_capture"]
         reg.detach()
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
@@ -232,7 +232,7 @@ def test_reattaching_after_freezing_a_layer_captures_the_target_again():
         reg.backward(general, None)
     reg.backward(general, target)
     assert model.model.layers[0].mlp.down_proj.weight.grad is None
-    assert reg.state_dict()["steps_since_capture"] == 1
+    assert reg.steps_since_capture == 1
     reg.detach()
 
 

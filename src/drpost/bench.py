@@ -207,6 +207,7 @@ class _Bench:
         self.regs: dict = {}
         self.backends: dict = {}
         self.backend_reasons: dict = {}   # {config: {layer: why its back-end (auto: measured / modelled)}}
+        self.target_pass: bool | None = None   # did the last drpost step forward target rows? (None: not drpost)
 
     def autocast(self):
         if self.cfg.dtype == "bf16":
@@ -393,6 +394,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
             step = _variant(bench, key)
             bench.activate(key)
             meter = {"allocator": lambda: PeakCUDA(bench.device), "inprocess": PeakRSS}.get(memory, nullcontext)()
+            bench.target_pass = None     # set by a drpost step
             try:
                 bench.sync()
                 with meter:
@@ -407,7 +409,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 bench.opt.zero_grad(set_to_none=True)
                 continue
             if rep >= cfg.warmup:
-                if ":" in key and not key.startswith("naive:"):
+                if bench.target_pass is not None:
                     target_passes[key] = target_passes.get(key, 0) + int(bench.target_pass)
                 times[key].append(dt)
                 cpu[key].append(dc)

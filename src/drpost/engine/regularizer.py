@@ -123,15 +123,14 @@ class DataRegularizer:
         if self._att.hooked or not self.options.selects:
             return
         old = self._att.groups
-        kept = {g.name: c for g in old if (c := g.cache_state()) is not None}
         self._attach()
-        if self._target.age is None or not kept:
+        if self._target.age is None:
             return
         if [g.signature() for g in old] != [g.signature() for g in self._att.groups]:
             self._target.age = None
             return
-        for g in self._att.groups:
-            g.load_cache_state(kept.get(g.name))
+        for g_old, g in zip(old, self._att.groups):    # the checkpoint form: rules and parameters by index
+            g.load_cache_state(g_old.cache_state())
 
     def detach(self) -> None:
         """Remove every hook: the model is exactly as before attach."""

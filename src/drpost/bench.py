@@ -207,7 +207,7 @@ class _Bench:
         self.regs: dict = {}
         self.backends: dict = {}
         self.backend_reasons: dict = {}   # {config: {layer: why its back-end (auto: measured / modelled)}}
-        self.target_pass: bool | None = None   # did the last drpost step forward target rows? (None: not drpost)
+        self.target_pass: bool | None = None   # last drpost step forwarded target rows (merged, or a capture)?
 
     def autocast(self):
         if self.cfg.dtype == "bf16":
@@ -274,7 +274,6 @@ class _Bench:
         reg.profiler = timer
         with self.autocast():
             reg.backward(self.general, self.target)
-        # did this step forward target rows (merged: always; separate: when it captured the target)?
         self.target_pass = reg.options.target_strategy == "merged" or reg.steps_since_capture == 1
         self.backends[key] = dict(reg.layer_backends)
         self.backend_reasons[key] = dict(reg.layer_backend_reasons)

@@ -48,15 +48,27 @@ from dataclasses import dataclass
 
 import torch
 
+from .support import slice_runs
+
 
 @dataclass
 class Factors:
-    """Per-call factors; ``a`` is the input side (x, or token ids), ``d`` the output gradient."""
+    """Per-call factors; ``a`` is the input side (x, or token ids), ``d`` the output gradient.
+    ``support``, when known, lists the runs of rows of ``d`` flattened to [N * S, O] outside which
+    ``d`` is exactly zero (:mod:`drpost.layers.support`); None: any row may be nonzero. Only the
+    rule that found it reads it; a new ``Factors`` built from these without it is still correct."""
     a: torch.Tensor
     d: torch.Tensor
+    support: list | None = None
 
     def rows(self, sl: slice) -> "Factors":
-        return Factors(self.a[sl], self.d[sl])
+        a, d = self.a[sl], self.d[sl]
+        support = None
+        if self.support is not None and (sl.step in (None, 1)) and d.dim() >= 2:
+            start, stop, _ = sl.indices(self.d.shape[0])
+            s = self.d.shape[1]
+            support = slice_runs(self.support, start * s, max(start, stop) * s)
+        return Factors(a, d, support)
 
     @staticmethod
     def cat(parts: list["Factors"]) -> "Factors":
@@ -101,6 +113,14 @@ class LayerRule(abc.ABC):
     @abc.abstractmethod
     def factors(self, a: torch.Tensor, d: torch.Tensor) -> Factors:
         """The per-sample gradient factors of one call."""
+
+    def tap_backward(self, a: torch.Tensor, d: torch.Tensor, need_input_grad: bool):
+        """(the input gradient, or None when not needed; the factors of ``a`` detached) of one call,
+        in the module's own layout. A rule may override it to share work between the two (the
+        Linear rule finds the zero rows of a vocabulary-wide delta once for both)."""
+        grad_a = self.input_grad(a, d) if need_input_grad else None
+        with torch.no_grad():   # detached: factors kept past the backward (global sets) build no graph
+            return grad_a, self.factors(a.detach(), d)
 
     # -- layout ------------------------------------------------------------------------------
     def row_axis(self, p: torch.nn.Parameter) -> int:

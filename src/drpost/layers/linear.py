@@ -11,6 +11,7 @@ import torch
 from .base import TIED_PROJECTION, Factors, LayerRule, acc_dtype, add_into, row_runs
 from .input_products import INPUT_PRODUCTS
 from .registry import register_rule
+from .support import intersect, nonzero_runs
 
 
 @register_rule(torch.nn.Linear)
@@ -18,6 +19,10 @@ class LinearRule(LayerRule):
     kind = "linear"
     supports = ("reduced_ghost", "pairwise_ghost", "direct", "sketch")
     shares_input = True
+    #: the output width from which the rule looks for exactly-zero rows of delta (a vocabulary-wide
+    #: projection: delta is zero at every position without a supervised label) and computes its
+    #: products on the other rows only (drpost.layers.support)
+    support_min_width = 8192
 
     def __init__(self, module: torch.nn.Module, transposed: bool = False):
         super().__init__(module)
@@ -65,6 +70,32 @@ class LinearRule(LayerRule):
         d = d.reshape(d.shape[0], -1, d.shape[-1]) if d.dim() != 3 else d
         return Factors(x.to(d.dtype), d)
 
+    def tap_backward(self, x, d, need_input_grad):
+        """A vocabulary-wide delta's zero rows are found once; the input gradient delta W is computed
+        on the other rows (into a zeroed [.., I]) and the factors carry them as their support."""
+        support = None
+        if (self.out_features >= self.support_min_width and d.dim() >= 2 and d.is_contiguous()
+                and not torch.is_grad_enabled()):   # (a backward with create_graph keeps the plain path)
+            support = nonzero_runs(d.view(-1, d.shape[-1]))
+        if support is None:
+            return super().tap_backward(x, d, need_input_grad)
+        gx = None
+        if need_input_grad:
+            d2, w = d.view(-1, d.shape[-1]), self._w_oi(d.dtype)
+            g = d2.new_zeros(d2.shape[0], self.in_features)
+            for lo, hi in support:
+                torch.mm(d2[lo:hi], w, out=g[lo:hi])
+            gx = g.view(*d.shape[:-1], self.in_features).to(x.dtype)
+        with torch.no_grad():
+            f = self.factors(x.detach(), d)
+        f.support = support
+        return gx, f
+
+    @staticmethod
+    def _flat(f):
+        """The factors as [N * S, I] and [N * S, O] (views: support runs index their rows)."""
+        return f.a.reshape(-1, f.a.shape[-1]), f.d.reshape(-1, f.d.shape[-1])
+
     def cost(self, backend, b, v, s, k):
         o, i = self.out_features, self.in_features
         chosen = 2.0 * k * s * o * i
@@ -80,7 +111,13 @@ class LinearRule(LayerRule):
     def target_dense(self, f):
         dt = acc_dtype(f.d)
         out = {}
-        if self.weight is not None:
+        if self.weight is not None and f.support is not None:
+            x2, d2 = self._flat(f)
+            g = d2.new_zeros(self.out_features, self.in_features)
+            for lo, hi in f.support:
+                g.addmm_(d2[lo:hi].t(), x2[lo:hi])
+            out[self.weight] = self._to_layout(g).to(dt)
+        elif self.weight is not None:
             g = f.d.flatten(0, 1).t() @ f.a.flatten(0, 1)
             out[self.weight] = self._to_layout(g).to(dt)
         if self.bias is not None:
@@ -98,6 +135,17 @@ class LinearRule(LayerRule):
     def dense_scores(self, f, dense, rows):
         dt = acc_dtype(f.d)
         g, b = self._dense_oi(dense, f.d.dtype)
+        if f.support is not None and not rows:      # per position on the support, summed per sample
+            x2, d2 = self._flat(f)
+            pos = d2.new_zeros(d2.shape[0], dtype=dt)
+            for lo, hi in f.support:
+                part = pos.new_zeros(hi - lo)
+                if g is not None:
+                    part += ((x2[lo:hi] @ g.t()) * d2[lo:hi]).sum(1, dtype=dt)
+                if b is not None:
+                    part += d2[lo:hi].to(dt) @ b.to(dt)
+                pos[lo:hi] = part
+            return pos.view(f.n, -1).sum(1)
         per_row = torch.zeros(f.n, self.out_features, dtype=dt, device=f.d.device)
         if g is not None:
             proj = f.a @ g.t()                          # [B, S, O]
@@ -111,6 +159,19 @@ class LinearRule(LayerRule):
         """(t1_{n,s} . t2_{m,t}) as one GEMM, viewed [N1, S1, N2, S2]."""
         n1, s1, n2, s2 = t1.shape[0], t1.shape[1], t2.shape[0], t2.shape[1]
         return (t1.reshape(n1 * s1, -1) @ t2.reshape(n2 * s2, -1).t()).view(n1, s1, n2, s2)
+
+    @classmethod
+    def _cross_d(cls, f, t):
+        """``_cross(f.d, t.d)``, with the products computed only between rows in the supports."""
+        if f.support is None and t.support is None:
+            return cls._cross(f.d, t.d)
+        n1, s1, n2, s2 = f.d.shape[0], f.d.shape[1], t.d.shape[0], t.d.shape[1]
+        d1, d2 = f.d.reshape(n1 * s1, -1), t.d.reshape(n2 * s2, -1)
+        out = d1.new_zeros(n1 * s1, n2 * s2)
+        for lo, hi in (f.support if f.support is not None else [(0, n1 * s1)]):
+            for tlo, thi in (t.support if t.support is not None else [(0, n2 * s2)]):
+                out[lo:hi, tlo:thi] = d1[lo:hi] @ d2[tlo:thi].t()
+        return out.view(n1, s1, n2, s2)
 
     def _input_gram(self, a1, a2):
         """(x_s . x_t) (+1 for the bias column), [N1, S1, N2, S2]."""
@@ -127,7 +188,7 @@ class LinearRule(LayerRule):
             b, s = c.shape[:2]
             m = (c.reshape(b * s, -1) @ t.d.reshape(-1, t.d.shape[-1])).view(b, s, -1)   # [B, S, O]
             return (m * f.d).sum(1, dtype=dt)
-        dd = self._cross(f.d, t.d)
+        dd = self._cross_d(f, t)
         return (dd * c).sum((1, 2, 3), dtype=dt)
 
     def per_sample(self, f):
@@ -144,8 +205,19 @@ class LinearRule(LayerRule):
         xs = proj.right(f.a)        # [N, S, k2]
         if rows:
             return torch.einsum("nso,nsk->nok", f.d, xs).to(acc_dtype(f.d))
-        ds = proj.left(f.d)                                                  # [N, S, k1]
+        ds = self._left_sketch(f, proj)                                      # [N, S, k1]
         return torch.einsum("nsa,nsb->nab", ds, xs).flatten(1).to(acc_dtype(f.d))
+
+    @staticmethod
+    def _left_sketch(f, proj):
+        """delta P1, computed on the support's rows only (zero elsewhere)."""
+        if f.support is None:
+            return proj.left(f.d)
+        d2 = f.d.reshape(-1, f.d.shape[-1])
+        out = d2.new_zeros(d2.shape[0], proj.left_side.k)
+        for lo, hi in f.support:
+            out[lo:hi] = proj.left(d2[lo:hi])
+        return out.view(f.d.shape[0], f.d.shape[1], -1)
 
     def sq_norms(self, f, rows):
         dt = acc_dtype(f.d)
@@ -160,7 +232,7 @@ class LinearRule(LayerRule):
     def gram(self, f):
         dt = acc_dtype(f.d)
         c = self._input_gram(f.a, f.a)                  # [B, S, B, T]
-        dd = self._cross(f.d, f.d)
+        dd = self._cross_d(f, f)
         return (dd * c).sum((1, 3), dtype=dt)
 
     # -- update -----------------------------------------------------------------------------
@@ -176,13 +248,22 @@ class LinearRule(LayerRule):
         if runs is None or self.weight is None or f.d.dtype != gdtype or f.a.dtype != gdtype:
             return super().chosen_into(acc, f, w, idx)
         bias = None
-        for lo, hi in runs:
-            d, x = f.d[lo:hi].flatten(0, 1), f.a[lo:hi].flatten(0, 1)
+        if f.support is not None:   # the chosen samples' positions, less the zero rows of delta
+            s = f.d.shape[1]
+            x2, d2 = self._flat(f)
+            spans = [(x2[lo:hi], d2[lo:hi]) for lo, hi in intersect([(a * s, b * s) for a, b in runs], f.support)]
+        else:
+            spans = [(f.a[lo:hi].flatten(0, 1), f.d[lo:hi].flatten(0, 1)) for lo, hi in runs]
+        for x, d in spans:
             left, right = (x.t(), d) if self.transposed else (d.t(), x)
             w_acc = left @ right if w_acc is None else w_acc.addmm_(left, right)
             if self.bias is not None:
                 part = d.sum(0, dtype=acc_dtype(f.d))
                 bias = part if bias is None else bias + part
+        if w_acc is None:           # every chosen row of delta is zero
+            w_acc = self.weight.new_zeros(self.weight.shape, dtype=gdtype)
+        if self.bias is not None and bias is None:
+            bias = self.bias.new_zeros(self.bias.shape, dtype=acc_dtype(f.d))
         acc[self.weight] = w_acc
         if bias is not None:
             add_into(acc, self.bias, bias)

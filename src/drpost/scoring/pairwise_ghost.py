@@ -16,7 +16,7 @@ class PairwiseGhost(ScoringBackend):
     def target(self, group, cfg, parts, rows):
         rules = list({id(r): r for r, _, _ in parts}.values())
         cat = [(rule, Factors.cat([t for r, _, t in parts if r is rule])) for rule in rules]
-        return [(rule, Factors(f.a.detach(), f.d.detach())) for rule, f in cat]   # a cache keeps no graph
+        return [(rule, Factors(f.a.detach(), f.d.detach(), f.support)) for rule, f in cat]   # a cache keeps no graph
 
     def extend(self, old, new):
         have = {id(r): f for r, f in old}

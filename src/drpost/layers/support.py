@@ -22,16 +22,16 @@ Runs = list[tuple[int, int]]
 MAX_RUNS = 64
 
 
-def runs_of(mask: list[bool], offset: int = 0) -> Runs:
-    """The indices where ``mask`` holds, as [(start, stop), ...] shifted by ``offset``."""
+def runs_of(mask: list[bool]) -> Runs:
+    """The indices where ``mask`` holds, as [(start, stop), ...]."""
     runs: Runs = []
     for i, m in enumerate(mask):
         if not m:
             continue
-        if runs and runs[-1][1] == offset + i:
-            runs[-1] = (runs[-1][0], offset + i + 1)
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
         else:
-            runs.append((offset + i, offset + i + 1))
+            runs.append((i, i + 1))
     return runs
 
 

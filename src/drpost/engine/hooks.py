@@ -84,13 +84,13 @@ class _Tap(torch.autograd.Function):
                     with torch.no_grad():
                         sink.on_plain_grads(grads)
             grad_a = grad_x if need else None
-        elif layout is not None and not layout.identity:   # packed: factors in the sample layout
-            grad_a = use.rule.input_grad(a, grad_out) if need else None
-            a, grad_out = layout.samples(a), layout.samples(grad_out)
-            with torch.no_grad():   # detached: factors kept past the backward (global sets) build no graph
-                sink.on_factors(use.group, use.rule, use.rule.factors(a.detach(), grad_out))
         else:
-            grad_a, factors = use.rule.tap_backward(a, grad_out, need)
+            if layout is not None and not layout.identity:   # packed: factors in the sample layout
+                grad_a = use.rule.input_grad(a, grad_out) if need else None
+                with torch.no_grad():   # detached: factors kept past the backward build no graph
+                    factors = use.rule.factors(layout.samples(a).detach(), layout.samples(grad_out))
+            else:
+                grad_a, factors = use.rule.tap_backward(a, grad_out, need)
             with torch.no_grad():
                 sink.on_factors(use.group, use.rule, factors)
         return (None, None, grad_a) + (None,) * ctx.n_params

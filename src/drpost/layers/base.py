@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .support import slice_runs
+from .support import runs_of_indices, slice_runs
 
 
 @dataclass
@@ -234,13 +234,7 @@ def row_runs(idx: torch.Tensor | None) -> list[tuple[int, int]] | None:
     empty or on an accelerator (reading it there would sync the device: gather instead)."""
     if idx is None or idx.device.type != "cpu" or idx.numel() == 0:
         return None
-    runs: list[tuple[int, int]] = []
-    for i in sorted(idx.tolist()):
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
+    return runs_of_indices(sorted(idx.tolist()))
 
 
 def acc_dtype(*tensors) -> torch.dtype:

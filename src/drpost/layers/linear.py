@@ -11,7 +11,7 @@ import torch
 from .base import TIED_PROJECTION, Factors, LayerRule, acc_dtype, add_into, row_runs
 from .input_products import INPUT_PRODUCTS
 from .registry import register_rule
-from .support import intersect, nonzero_runs
+from .support import fill_runs, intersect, nonzero_runs
 
 
 @register_rule(torch.nn.Linear)
@@ -82,9 +82,7 @@ class LinearRule(LayerRule):
         gx = None
         if need_input_grad:
             d2, w = d.view(-1, d.shape[-1]), self._w_oi(d.dtype)
-            g = d2.new_zeros(d2.shape[0], self.in_features)
-            for lo, hi in support:
-                torch.mm(d2[lo:hi], w, out=g[lo:hi])
+            g = fill_runs(d2, (d2.shape[0], self.in_features), support, lambda lo, hi: d2[lo:hi] @ w)
             gx = g.view(*d.shape[:-1], self.in_features).to(x.dtype)
         with torch.no_grad():
             f = self.factors(x.detach(), d)
@@ -137,15 +135,15 @@ class LinearRule(LayerRule):
         g, b = self._dense_oi(dense, f.d.dtype)
         if f.support is not None and not rows:      # per position on the support, summed per sample
             x2, d2 = self._flat(f)
-            pos = d2.new_zeros(d2.shape[0], dtype=dt)
-            for lo, hi in f.support:
-                part = pos.new_zeros(hi - lo)
+
+            def per_position(lo, hi):
+                part = torch.zeros(hi - lo, dtype=dt, device=d2.device)
                 if g is not None:
                     part += ((x2[lo:hi] @ g.t()) * d2[lo:hi]).sum(1, dtype=dt)
                 if b is not None:
                     part += d2[lo:hi].to(dt) @ b.to(dt)
-                pos[lo:hi] = part
-            return pos.view(f.n, -1).sum(1)
+                return part
+            return fill_runs(d2, (d2.shape[0],), f.support, per_position, dtype=dt).view(f.n, -1).sum(1)
         per_row = torch.zeros(f.n, self.out_features, dtype=dt, device=f.d.device)
         if g is not None:
             proj = f.a @ g.t()                          # [B, S, O]
@@ -214,9 +212,7 @@ class LinearRule(LayerRule):
         if f.support is None:
             return proj.left(f.d)
         d2 = f.d.reshape(-1, f.d.shape[-1])
-        out = d2.new_zeros(d2.shape[0], proj.left_side.k)
-        for lo, hi in f.support:
-            out[lo:hi] = proj.left(d2[lo:hi])
+        out = fill_runs(d2, (d2.shape[0], proj.left_side.k), f.support, lambda lo, hi: proj.left(d2[lo:hi]))
         return out.view(f.d.shape[0], f.d.shape[1], -1)
 
     def sq_norms(self, f, rows):

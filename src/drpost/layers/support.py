@@ -22,17 +22,29 @@ Runs = list[tuple[int, int]]
 MAX_RUNS = 64
 
 
-def runs_of(mask: list[bool]) -> Runs:
-    """The indices where ``mask`` holds, as [(start, stop), ...]."""
+def runs_of_indices(indices) -> Runs:
+    """Ascending indices as runs of consecutive ones [(start, stop), ...]."""
     runs: Runs = []
-    for i, m in enumerate(mask):
-        if not m:
-            continue
+    for i in indices:
         if runs and runs[-1][1] == i:
             runs[-1] = (runs[-1][0], i + 1)
         else:
             runs.append((i, i + 1))
     return runs
+
+
+def runs_of(mask: list[bool]) -> Runs:
+    """The indices where ``mask`` holds, as [(start, stop), ...]."""
+    return runs_of_indices(i for i, m in enumerate(mask) if m)
+
+
+def fill_runs(like: torch.Tensor, shape: tuple, runs: Runs, compute, dtype=None) -> torch.Tensor:
+    """A zero tensor of ``shape`` (``like``'s device, ``dtype`` or ``like``'s) with rows [lo, hi)
+    of each run set to ``compute(lo, hi)``: a product over the support, zero on the skipped rows."""
+    out = like.new_zeros(shape, dtype=dtype or like.dtype)
+    for lo, hi in runs:
+        out[lo:hi] = compute(lo, hi)
+    return out
 
 
 def nonzero_runs(d2: torch.Tensor) -> Runs | None:
